@@ -1,0 +1,1 @@
+"""Command line, metrics, run directories and the per-task training loop."""

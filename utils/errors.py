@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can make (flags, paths, data).
+
+Entry points catch it, print its message as one line and exit with code 2;
+anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix: a bad flag, a missing file, unreadable data."""
