@@ -1,0 +1,49 @@
+"""How many weights each layer may use: the `uniform` and `ERK` density allocations."""
+
+import math
+from collections.abc import Mapping, Sequence
+
+SPARSE_INITS = ("ERK", "uniform")
+
+
+def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, sparse_init: str) -> dict[str, float]:
+    """Per-layer densities whose weighted mean is `density`.
+
+    `uniform`: every layer gets `density`.
+    `ERK` (Erdos-Renyi-Kernel, Evci et al. 2020): a layer's density is proportional to
+    sum(shape) / prod(shape), so small layers (the stem, the classifier, 1x1 shortcuts)
+    are denser. Layers whose density would exceed 1 are made dense, one at a time, largest
+    score first, and the others are rescaled so the total stays `density`.
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if sparse_init == "uniform":
+        return {name: density for name in shapes}
+    if sparse_init != "ERK":
+        raise ValueError(f"unknown sparse_init {sparse_init!r}; choose from {SPARSE_INITS}")
+
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    score = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    target = density * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        sparse = [name for name in shapes if name not in dense]
+        if not sparse:  # density 1, or everything capped: the whole net is dense
+            return {name: 1.0 for name in shapes}
+        budget = target - sum(sizes[name] for name in dense)
+        eps = budget / sum(score[name] * sizes[name] for name in sparse)
+        largest = max(sparse, key=lambda name: score[name])
+        if eps * score[largest] <= 1:
+            break
+        dense.add(largest)
+    return {name: 1.0 if name in dense else eps * score[name] for name in shapes}
+
+
+def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float, sparse_init: str) -> dict[str, int]:
+    """Exact number of active weights per layer: round(d_l * n_l), at least 1, at most n_l."""
+    densities = layer_densities(shapes, density, sparse_init)
+    counts = {}
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        counts[name] = min(size, max(1, round(densities[name] * size)))
+    return counts
