@@ -1,0 +1,379 @@
+"""Command line of the two entry points: flags -> a validated, frozen ``Config``.
+
+``cifar100.py`` and ``miniImageNet100.py`` share this one parser; they differ only in the
+benchmark they pass in, which sets the benchmark-specific defaults (the batch size) and the
+only ``--dataset`` value the script accepts.
+
+The flags keep the authors' names and defaults so their README commands run unchanged; their
+parser's defects are fixed here: the README spellings it rejected (``--sparse_init``,
+``--growth unfired``, ``--dataset miniImageNet``) are accepted, and every boolean can be turned
+off (``--no-sparse``, ``--no-isolate``, ``--no-download``).
+
+Semantic problems (a flag value argparse accepts but the run cannot use) raise
+``UserError`` with one line; malformed flags are argparse errors (usage + one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from utils.errors import UserError
+
+BENCHMARKS: tuple[str, ...] = ("cifar100", "miniImageNet")
+"""The canonical dataset names; also the values of ``Config.dataset``."""
+
+SCRIPTS: dict[str, str] = {"cifar100": "cifar100.py", "miniImageNet": "miniImageNet100.py"}
+"""The entry script of each benchmark (used as ``prog`` and in error messages)."""
+
+BATCH_SIZE: dict[str, int] = {"cifar100": 64, "miniImageNet": 128}
+"""Training batch size per benchmark (the authors' values)."""
+
+DATASET_CLASSES = 100
+"""Both benchmarks have 100 classes; a split cannot ask for more."""
+
+# Alternative spellings accepted on the command line, keyed by their lower-case form.
+_DATASET_ALIASES: dict[str, str] = {
+    "cifar100": "cifar100",
+    "miniimagenet": "miniImageNet",
+    "miniimagenet100": "miniImageNet",  # the authors' spelling
+}
+_INIT_ALIASES: dict[str, str] = {"erk": "ERK", "uniform": "uniform"}
+_GROWTH_ALIASES: dict[str, str] = {
+    "random": "random",
+    "unfired": "unfired",
+    "random_unfired": "unfired",  # the authors' name for it
+    "momentum": "momentum",
+    "gradient": "gradient",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one run depends on; built only by ``parse_config``, never mutated."""
+
+    dataset: str
+    num_tasks: int
+    num_classes: int
+    num_classes_per_task: int
+    net_name: str
+    optimizer: str
+    lr: float
+    momentum: float
+    l2: float
+    epochs: int
+    batch_size: int
+    test_batch_size: int
+    sparse: bool
+    density: float
+    sparse_init: str
+    death: str
+    growth: str
+    death_rate: float
+    update_frequency: int
+    isolate: bool
+    new_weights: str
+    seed: int
+    data_dir: Path
+    output_dir: Path
+    device: str
+    image_size: int
+    test_per_class: int
+    class_order: str
+    keep: str
+    eval: str
+    download: bool
+    resume: bool
+    max_batches: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (paths become strings), in field order."""
+        return {
+            field.name: str(value) if isinstance(value, Path) else value
+            for field in dataclasses.fields(self)
+            for value in (getattr(self, field.name),)
+        }
+
+
+def run_name(
+    dataset: str,
+    num_tasks: int,
+    sparse: bool,
+    sparse_init: str,
+    growth: str,
+    density: float,
+    seed: int,
+    isolate: bool,
+) -> str:
+    """The readable directory name of a run, e.g. ``cifar100_10tasks_ERK_random_d0.2_s0``.
+
+    Dense runs are ``<dataset>_<T>tasks_dense_s<seed>``; sparse runs without isolation get
+    the suffix ``_noiso``. Flags not in the name (epochs, update frequency, ...) do not make
+    a new directory: pass ``--output_dir`` to keep such runs apart.
+    """
+    if not sparse:
+        return f"{dataset}_{num_tasks}tasks_dense_s{seed}"
+    name = f"{dataset}_{num_tasks}tasks_{sparse_init}_{growth}_d{density}_s{seed}"
+    return name if isolate else name + "_noiso"
+
+
+def _alias_type(aliases: dict[str, str]):
+    """An argparse ``type`` that maps accepted spellings (case-insensitive) to canonical ones.
+
+    Unknown values pass through unchanged so that argparse's ``choices`` check reports them.
+    """
+
+    def convert(value: str) -> str:
+        return aliases.get(value.lower(), value)
+
+    return convert
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` after every help line that does not state its default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "%(default)" in help_text or "default:" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+def _check_benchmark(benchmark: str) -> None:
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser(benchmark: str) -> argparse.ArgumentParser:
+    """The argument parser of ``benchmark``'s entry script ("cifar100" or "miniImageNet")."""
+    _check_benchmark(benchmark)
+    parser = argparse.ArgumentParser(
+        prog=SCRIPTS[benchmark],
+        description=(
+            "Task-incremental continual learning with dynamic sparse training "
+            f"({benchmark}): every task trains its own sparse sub-network of one shared "
+            "backbone; weights of earlier tasks are frozen."
+        ),
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
+
+    data = parser.add_argument_group("benchmark and task split")
+    data.add_argument(
+        "--dataset",
+        type=_alias_type(_DATASET_ALIASES),
+        choices=BENCHMARKS,
+        default=benchmark,
+        help="the benchmark; must match the script (cifar100.py: cifar100, "
+        "miniImageNet100.py: miniImageNet); case-insensitive, alias: miniImagenet100 = "
+        "miniImageNet",
+    )
+    data.add_argument("--num_tasks", type=int, default=10, help="number of tasks T")
+    data.add_argument("--num_classes", type=int, default=100,
+                      help="classes used in total; must equal num_tasks * num_classes_per_task")
+    data.add_argument("--num_classes_per_task", type=int, default=10, help="classes per task")
+    data.add_argument("--class_order", choices=("fixed", "random"), default="fixed",
+                      help="fixed: classes 0..99 in order (authors); random: a permutation "
+                      "drawn from --seed")
+    data.add_argument("--data_dir", type=Path, default=Path("data"),
+                      help="where datasets are read from (and downloaded to)")
+    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                      help="download the dataset if it is missing from --data_dir")
+    data.add_argument("--image_size", type=int, default=32,
+                      help="side of the (square) input images in pixels, >= 8")
+    data.add_argument("--test_per_class", type=int, default=100,
+                      help="miniImageNet: test images held out per class")
+
+    train = parser.add_argument_group("model and training")
+    train.add_argument("--net_name", choices=("resnet18",), default="resnet18", help="backbone")
+    train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                       help="a fresh optimizer per task")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="learning rate (x0.1 at 50%% and 75%% of the epochs)")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, in [0, 1)")
+    train.add_argument("--l2", type=float, default=0.0, help="weight decay, >= 0")
+    train.add_argument("--epochs", type=int, default=20, help="epochs per task")
+    train.add_argument("--batch_size", type=int, default=BATCH_SIZE[benchmark],
+                       help="training batch size; the benchmark sets the default "
+                       "(cifar100 64, miniImageNet 128)")
+    train.add_argument("--test_batch_size", type=int, default=128,
+                       help="evaluation batch size; BatchNorm uses batch statistics (no "
+                       "running averages), so results depend on it")
+    train.add_argument("--keep", choices=("best_train", "last"), default="best_train",
+                       help="which epoch's weights and mask a task keeps: the one with the best "
+                       "training accuracy (authors) or the last")
+    train.add_argument("--eval", choices=("task", "all_logits"), default="task",
+                       help="prediction = argmax over the task's own classes (task id given), "
+                       "or over all classes (authors)")
+    train.add_argument("--seed", type=int, default=0, help="seed of every random generator, >= 0")
+
+    sparse = parser.add_argument_group("dynamic sparse training")
+    sparse.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
+                        help="train sparse sub-networks (--no-sparse: the dense baseline)")
+    sparse.add_argument("--density", type=float, default=0.2,
+                        help="fraction of weights each task may use, in (0, 1]")
+    sparse.add_argument("--sparse_init", "--init", type=_alias_type(_INIT_ALIASES),
+                        choices=("ERK", "uniform"), default="uniform",
+                        help="per-layer density allocation (case-insensitive; --init is an "
+                        "alias of --sparse_init)")
+    sparse.add_argument("--death", choices=("magnitude",), default="magnitude",
+                        help="pruning criterion")
+    sparse.add_argument("--growth", type=_alias_type(_GROWTH_ALIASES),
+                        choices=("random", "unfired", "momentum", "gradient"), default="random",
+                        help="regrowth criterion (alias: random_unfired = unfired)")
+    sparse.add_argument("--death_rate", type=float, default=0.5,
+                        help="initial fraction of a task's active weights pruned at each "
+                        "update, in (0, 1); cosine-decayed over the task")
+    sparse.add_argument("--update_frequency", type=int, default=400,
+                        help="batches between topology updates, >= 0; 0 = static sparse "
+                        "baseline (no updates)")
+    sparse.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="freeze the weights of earlier tasks (parameter isolation); needs "
+                        "--sparse (default: True; False with --no-sparse)")
+    sparse.add_argument("--new_weights", choices=("zero", "init"), default="zero",
+                        help="never-used weights entering a later task's mask start at zero "
+                        "(authors) or at a fresh draw of the layer's default init")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", type=Path, default=None,
+                     help="run directory (default: runs/<name>, e.g. runs/"
+                     + run_name(benchmark, 10, True, "uniform", "random", 0.2, 0, True) + ")")
+    run.add_argument("--device", default=None,
+                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, "
+                     f"else cpu; here {_default_device()})")
+    run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                     help="continue the run in --output_dir from its last finished task")
+    run.add_argument("--max_batches", type=int, default=None,
+                     help="cap on batches per epoch, for debugging and smoke runs "
+                     "(default: None = no cap)")
+    return parser
+
+
+def _validate_device(name: str) -> str:
+    """``name`` as a canonical torch device string, or UserError if this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:0)"
+        ) from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {name}: CUDA is not available on this machine; use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(
+            f"--device {name}: MPS is not available on this machine; use --device cpu"
+        )
+    return str(device)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _validate(args: argparse.Namespace, benchmark: str) -> None:
+    """Raise UserError for the first flag value the run cannot use."""
+    if args.dataset != benchmark:
+        other = args.dataset
+        raise UserError(
+            f"{SCRIPTS[benchmark]} runs --dataset {benchmark}; use {SCRIPTS[other]} for {other}"
+        )
+    for flag in ("num_tasks", "num_classes", "num_classes_per_task", "epochs", "batch_size",
+                 "test_batch_size", "test_per_class"):
+        value = getattr(args, flag)
+        _require(value >= 1, f"--{flag} must be >= 1, got {value}")
+    _require(
+        args.num_classes == args.num_tasks * args.num_classes_per_task,
+        f"--num_classes {args.num_classes} != --num_tasks {args.num_tasks} x "
+        f"--num_classes_per_task {args.num_classes_per_task} "
+        f"(= {args.num_tasks * args.num_classes_per_task})",
+    )
+    _require(
+        args.num_classes <= DATASET_CLASSES,
+        f"--num_classes {args.num_classes}: {benchmark} has only {DATASET_CLASSES} classes",
+    )
+    _require(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _require(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
+    _require(args.l2 >= 0, f"--l2 must be >= 0, got {args.l2}")
+    _require(0 < args.density <= 1, f"--density must be in (0, 1], got {args.density}")
+    _require(0 < args.death_rate < 1, f"--death_rate must be in (0, 1), got {args.death_rate}")
+    _require(args.update_frequency >= 0,
+             f"--update_frequency must be >= 0 (0 = static sparse), got {args.update_frequency}")
+    _require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
+    _require(args.max_batches is None or args.max_batches >= 1,
+             f"--max_batches must be >= 1, got {args.max_batches}")
+    _require(
+        args.sparse or not args.isolate,
+        "--isolate needs --sparse: the dense baseline has no masks to isolate",
+    )
+
+
+def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
+    """Parse ``argv`` (``None``: ``sys.argv[1:]``) for ``benchmark``'s script into a Config.
+
+    Argparse errors (unknown flag, bad choice, malformed number) exit with code 2; semantic
+    problems raise ``UserError``. Aliases are resolved to canonical values, ``isolate``
+    defaults to ``sparse``, ``output_dir`` to ``runs/<run_name>`` and ``device`` to cuda when
+    available, else cpu.
+    """
+    _check_benchmark(benchmark)
+    args = build_parser(benchmark).parse_args(None if argv is None else list(argv))
+    _validate(args, benchmark)
+    isolate = args.sparse if args.isolate is None else args.isolate
+    output_dir = args.output_dir
+    if output_dir is None:
+        name = run_name(args.dataset, args.num_tasks, args.sparse, args.sparse_init,
+                        args.growth, args.density, args.seed, isolate)
+        output_dir = Path("runs") / name
+    device = _validate_device(_default_device() if args.device is None else args.device)
+    return Config(
+        dataset=args.dataset,
+        num_tasks=args.num_tasks,
+        num_classes=args.num_classes,
+        num_classes_per_task=args.num_classes_per_task,
+        net_name=args.net_name,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        l2=args.l2,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        test_batch_size=args.test_batch_size,
+        sparse=args.sparse,
+        density=args.density,
+        sparse_init=args.sparse_init,
+        death=args.death,
+        growth=args.growth,
+        death_rate=args.death_rate,
+        update_frequency=args.update_frequency,
+        isolate=isolate,
+        new_weights=args.new_weights,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        output_dir=output_dir,
+        device=device,
+        image_size=args.image_size,
+        test_per_class=args.test_per_class,
+        class_order=args.class_order,
+        keep=args.keep,
+        eval=args.eval,
+        download=args.download,
+        resume=args.resume,
+        max_batches=args.max_batches,
+    )

@@ -1,0 +1,195 @@
+"""The accuracy matrix and the continual-learning metrics, each defined once, here.
+
+The primary result of a run is the T x T accuracy matrix ``A`` (percent, T = number of tasks):
+
+- ``A[i, j]`` for ``j <= i`` (lower triangle and diagonal) is the test accuracy on task ``j``
+  measured after training task ``i``. These entries must all be present.
+- ``A[i, j]`` for ``j > i`` (upper triangle) is the authors' forward-transfer probe: task
+  ``j``'s test data evaluated with task ``i``'s network, task ``j``'s labels mapped onto task
+  ``i``'s class slots. A probe that was not measured is NaN.
+
+NaN convention: every function ignores NaN in the upper triangle by averaging only the
+measured probes (a nan-aware mean); a quantity with no measured probe at all is NaN (``None``
+in ``summarize``, ``-`` in ``format_report``). A NaN or infinity in the lower triangle or on
+the diagonal is a bug in the caller and raises ``ValueError``.
+
+The BWT, FWT and "Average" definitions reproduce the authors' script exactly, so numbers are
+comparable with the paper; ``incremental_accuracy`` and ``forgetting`` follow the standard
+definitions (documented on each function).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def accuracy_matrix(A: ArrayLike) -> np.ndarray:
+    """``A`` as a float64 T x T array, checked: square, T >= 1, lower triangle complete.
+
+    Returns a new array; the caller's matrix is never modified.
+    """
+    matrix = np.array(A, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise ValueError(f"accuracy matrix must be square T x T with T >= 1, got {matrix.shape}")
+    lower = np.tril(np.ones(matrix.shape, dtype=bool))
+    if not np.all(np.isfinite(matrix[lower])):
+        rows, cols = np.nonzero(lower & ~np.isfinite(matrix))
+        raise ValueError(
+            "accuracy matrix: lower triangle and diagonal must be measured, "
+            f"missing A[{rows[0]}, {cols[0]}]"
+        )
+    return matrix
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the non-NaN values; NaN (without a warning) when there are none."""
+    measured = values[~np.isnan(values)]
+    return float(measured.mean()) if measured.size else math.nan
+
+
+def bwt_per_task(A: ArrayLike) -> np.ndarray:
+    """Backward transfer after each task (authors' definition), length T.
+
+    ``bwt[0] = 0`` and, for ``i >= 1``, ``bwt[i] = mean_{j < i} (A[i, j] - A[j, j])``: how much
+    the accuracy on the earlier tasks changed between learning them and finishing task ``i``.
+    Negative = forgetting. Uses only the lower triangle and the diagonal.
+    """
+    matrix = accuracy_matrix(A)
+    T = matrix.shape[0]
+    bwt = np.zeros(T)
+    diagonal = np.diag(matrix)
+    for i in range(1, T):
+        bwt[i] = np.mean(matrix[i, :i] - diagonal[:i])
+    return bwt
+
+
+def average_bwt(A: ArrayLike) -> float:
+    """The authors' "Average BWT": ``bwt_per_task(A)[-1]``, the BWT over all tasks at the end.
+
+    (Despite its name it is not a mean over the per-task BWT values.)
+    """
+    return float(bwt_per_task(A)[-1])
+
+
+def fwt_per_task(A: ArrayLike) -> np.ndarray:
+    """The authors' forward-transfer probe per task, length T.
+
+    ``fwt[i] = mean(A[i, i+1:])`` for ``i < T-1`` (task ``i``'s network on the tasks still to
+    come) and ``fwt[T-1] = 0``. NaN probes are ignored; a row with no measured probe gives NaN.
+    """
+    matrix = accuracy_matrix(A)
+    T = matrix.shape[0]
+    fwt = np.zeros(T)
+    for i in range(T - 1):
+        fwt[i] = _nanmean(matrix[i, i + 1 :])
+    return fwt
+
+
+def average_fwt(A: ArrayLike) -> float:
+    """The authors' "Average FWT": the mean of ``fwt_per_task(A)[:-1]``; 0.0 when T == 1.
+
+    Rows whose probes were all unmeasured (NaN) are left out of the mean; NaN if none remain.
+    """
+    fwt = fwt_per_task(A)
+    return _nanmean(fwt[:-1]) if fwt.size > 1 else 0.0
+
+
+def final_accuracy(A: ArrayLike) -> float:
+    """ACC: the mean test accuracy over all T tasks after the last task (mean of the final row)."""
+    matrix = accuracy_matrix(A)
+    return float(matrix[-1].mean())
+
+
+def incremental_accuracy(A: ArrayLike) -> np.ndarray:
+    """Average accuracy on the tasks seen so far, after each task, length T.
+
+    ``inc[i] = mean(A[i, :i+1])``: the standard definition, computed from the row actually
+    measured after task ``i``. The authors' script used the final row instead,
+    ``mean(A[T-1, :i+1])``; the two coincide whenever nothing is forgotten (column ``j`` of the
+    lower triangle constant, BWT = 0, as parameter isolation guarantees), and differ otherwise.
+    """
+    matrix = accuracy_matrix(A)
+    return np.array([matrix[i, : i + 1].mean() for i in range(matrix.shape[0])])
+
+
+def forgetting(A: ArrayLike) -> np.ndarray:
+    """Forgetting of each task but the last, length T-1 (Chaudhry et al. 2018).
+
+    ``f[j] = max_{j <= k <= T-2} A[k, j] - A[T-1, j]``: the drop from the best accuracy task
+    ``j`` had at any earlier point after it was learned to its final accuracy. Probe entries
+    (``k < j``, the upper triangle) are not accuracies of a learned task and are excluded.
+    Zero under parameter isolation; negative if a task improved afterwards.
+    """
+    matrix = accuracy_matrix(A)
+    T = matrix.shape[0]
+    return np.array([matrix[j : T - 1, j].max() - matrix[T - 1, j] for j in range(T - 1)])
+
+
+def average_forgetting(A: ArrayLike) -> float:
+    """Mean of ``forgetting(A)`` over the first T-1 tasks; 0.0 when T == 1."""
+    values = forgetting(A)
+    return float(values.mean()) if values.size else 0.0
+
+
+def _json_float(value: float) -> float | None:
+    """A python float, or None for NaN (JSON has no NaN)."""
+    return None if math.isnan(value) else float(value)
+
+
+def _json_list(values: np.ndarray) -> list[float | None]:
+    return [_json_float(float(v)) for v in values]
+
+
+def summarize(A: ArrayLike) -> dict[str, Any]:
+    """All named metrics of ``A`` as a JSON-ready dict (python floats; NaN becomes None).
+
+    Keys: ``acc`` (final_accuracy), ``bwt`` (average_bwt), ``bwt_per_task``, ``fwt``
+    (average_fwt), ``fwt_per_task``, ``inc_acc`` (incremental_accuracy, a list),
+    ``forgetting`` (average_forgetting) and ``forgetting_per_task`` (forgetting, a list).
+    """
+    matrix = accuracy_matrix(A)
+    return {
+        "acc": _json_float(final_accuracy(matrix)),
+        "bwt": _json_float(average_bwt(matrix)),
+        "bwt_per_task": _json_list(bwt_per_task(matrix)),
+        "fwt": _json_float(average_fwt(matrix)),
+        "fwt_per_task": _json_list(fwt_per_task(matrix)),
+        "inc_acc": _json_list(incremental_accuracy(matrix)),
+        "forgetting": _json_float(average_forgetting(matrix)),
+        "forgetting_per_task": _json_list(forgetting(matrix)),
+    }
+
+
+def _cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def _row(values: np.ndarray, width: int) -> str:
+    return " " + "  ".join(_cell(float(v)).rjust(width) for v in values)
+
+
+def format_report(A: ArrayLike) -> str:
+    """The text the authors' script prints, with the same headings in the same order.
+
+    ACCURACY MATRIX, INCREMENTAL ACCURACY, BWT, FWT, Average BWT, Average FWT, each heading on
+    its own line followed by its values, then a last line ``ACC (mean of final row): x.xx``.
+    Numbers have 2 decimals, matrix columns are right-aligned, unmeasured entries show as ``-``.
+    The text has no trailing newline.
+    """
+    matrix = accuracy_matrix(A)
+    vectors = {
+        "INCREMENTAL ACCURACY": incremental_accuracy(matrix),
+        "BWT": bwt_per_task(matrix),
+        "FWT": fwt_per_task(matrix),
+    }
+    width = max(len(_cell(float(v))) for v in np.concatenate([matrix.ravel(), *vectors.values()]))
+    sections = ["ACCURACY MATRIX:\n" + "\n".join(_row(row, width) for row in matrix)]
+    sections += [f"{heading}:\n" + _row(values, width) for heading, values in vectors.items()]
+    sections.append(f"Average BWT:\n {_cell(average_bwt(matrix))}")
+    sections.append(f"Average FWT:\n {_cell(average_fwt(matrix))}")
+    sections.append(f"ACC (mean of final row): {_cell(final_accuracy(matrix))}")
+    return "\n\n".join(sections)
