@@ -1,0 +1,195 @@
+"""Speed of the sparse core on the project's ResNet-18, measured side by side in one process.
+
+    python benchmarks/bench_masking.py [--device cpu] [--steps 20] [--json out.json]
+
+Prints, for this machine:
+1. masked DST training step / dense training step (batch 64, 32x32, Adam), for a first task
+   and for a later task with frozen weights, with and without weight decay (the exact
+   restore path); topology updates are excluded here and timed separately;
+2. one full topology update (prune + grow on every layer) per growth mode, next to a
+   sort-based update (full `torch.sort` per layer, as in the authors' code) as the baseline;
+3. the size of one task's mask on disk, bit-packed vs float32.
+Step timings alternate dense and masked steps and report medians, so a busy machine slows
+both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import build_model  # noqa: E402
+from sparselearning import GROWTH_MODES, Masking, TaskMasks  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def make_masking(model, optimizer, *, growth="random", frozen=None, update_frequency=0, seed=0) -> Masking:
+    masking = Masking(optimizer, density=0.1, sparse_init="ERK", growth=growth, update_frequency=update_frequency,
+                      total_steps=10_000, frozen=frozen, seed=seed)
+    masking.add_module(model)
+    return masking
+
+
+def first_task_masks(device: torch.device) -> dict[str, torch.Tensor]:
+    """A finished first task's mask and consolidated weights, to freeze in a later task."""
+    model = build_model("resnet18", 100).to(device)
+    masking = make_masking(model, torch.optim.Adam(model.parameters()))
+    return model, masking.consolidate()
+
+
+def time_steps(device, steps: int, weight_decay: float, frozen_task: bool) -> tuple[float, float]:
+    """Median seconds per training step, dense and masked, measured alternately."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (64,), device=device)
+    if frozen_task:
+        base, frozen = first_task_masks(device)
+    else:
+        base, frozen = build_model("resnet18", 100).to(device), None
+    dense_model, sparse_model = copy.deepcopy(base), copy.deepcopy(base)
+    dense_opt = torch.optim.Adam(dense_model.parameters(), lr=1e-3, weight_decay=weight_decay)
+    sparse_opt = torch.optim.Adam(sparse_model.parameters(), lr=1e-3, weight_decay=weight_decay)
+    masking = make_masking(sparse_model, sparse_opt, frozen=frozen, seed=1)
+
+    def step(model, optimizer, masking=None) -> float:
+        sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        (masking or optimizer).step()
+        sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(3):  # warm-up: allocator, optimizer state
+        step(dense_model, dense_opt)
+        step(sparse_model, sparse_opt, masking)
+    dense, sparse = [], []
+    for _ in range(steps):
+        dense.append(step(dense_model, dense_opt))
+        sparse.append(step(sparse_model, sparse_opt, masking))
+    return statistics.median(dense), statistics.median(sparse)
+
+
+def sort_based_update(masking: Masking) -> None:
+    """Baseline: magnitude death and gradient growth with a full sort per layer."""
+    rate = masking.death_rate_at(masking.steps)
+    with torch.no_grad():
+        for name, p in masking.params.items():
+            count = masking.counts[name]
+            k = math.ceil(rate * count)
+            if count == p.numel() or k == 0:
+                continue
+            mask = masking.masks[name].view(-1)
+            magnitude = torch.where(mask, p.view(-1).abs(), math.inf)
+            mask[torch.sort(magnitude).indices[:k]] = False
+            scores = torch.where(mask, -math.inf, p.grad.view(-1).abs())
+            mask[torch.sort(scores, descending=True).indices[:k]] = True
+
+
+def time_updates(device, repeats: int) -> dict[str, float]:
+    """Median seconds of one topology update per growth mode, and of the sort-based baseline."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (64,), device=device)
+    results = {}
+    for growth in (*GROWTH_MODES, "sort-based baseline"):
+        model = build_model("resnet18", 100).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        masking = make_masking(model, optimizer, growth=growth if growth in GROWTH_MODES else "gradient")
+        for _ in range(2):  # real weights, gradients and averages to rank
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            masking.step()
+        update = masking.update_topology if growth in GROWTH_MODES else (lambda m=masking: sort_based_update(m))
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            update()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        results[growth] = statistics.median(times)
+    return results
+
+
+def mask_file_sizes() -> tuple[int, int]:
+    """Bytes of one ResNet-18 task mask on disk: bit-packed (ours) vs float32."""
+    model = build_model("resnet18", 100)
+    masking = make_masking(model, torch.optim.Adam(model.parameters()))
+    store = TaskMasks()
+    store.add(masking.consolidate())
+    packed = io.BytesIO()
+    torch.save(store.state_dict(), packed)
+    float32 = io.BytesIO()
+    torch.save({n: m.float() for n, m in store[0].items()}, float32)
+    return packed.getbuffer().nbytes, float32.getbuffer().nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
+    parser.add_argument("--repeats", type=int, default=5, help="timed topology updates per growth mode")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    report: dict = {"machine": machine(device)}
+    print(f"machine: {report['machine']}")
+
+    print("\ntraining step, ResNet-18 (11.2 M weights), batch 64, 32x32, Adam, density 0.1 ERK")
+    report["step"] = {}
+    for label, weight_decay, frozen_task in [("first task", 0.0, False), ("later task, frozen weights", 0.0, True),
+                                             ("later task, weight decay 1e-4", 1e-4, True)]:
+        dense, sparse = time_steps(device, args.steps, weight_decay, frozen_task)
+        report["step"][label] = {"dense_ms": dense * 1e3, "masked_ms": sparse * 1e3, "ratio": sparse / dense}
+        print(f"  {label:32s} dense {dense * 1e3:7.1f} ms  masked {sparse * 1e3:7.1f} ms  ratio {sparse / dense:.3f}")
+
+    print("\none topology update (prune + grow, all layers)")
+    updates = time_updates(device, args.repeats)
+    baseline = updates["sort-based baseline"]
+    report["update_ms"] = {k: v * 1e3 for k, v in updates.items()}
+    for growth, seconds in updates.items():
+        print(f"  {growth:20s} {seconds * 1e3:8.1f} ms   {baseline / seconds:5.1f}x faster than sort-based")
+
+    packed, float32 = mask_file_sizes()
+    report["mask_bytes"] = {"bitpacked": packed, "float32": float32}
+    print(f"\none task's mask on disk: {packed / 1e6:.2f} MB bit-packed vs {float32 / 1e6:.1f} MB float32 "
+          f"({float32 / packed:.0f}x smaller)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Task-incremental miniImageNet with dynamic sparse training (Yildirim et al., CPAL 2024).
+
+    python miniImageNet100.py --help
+
+All flags and the training loop are shared with the other benchmark's script
+(utils/cli.py, utils/train.py); this file only names the benchmark.
+"""
+
+import sys
+
+from utils.entry import main
+
+if __name__ == "__main__":
+    sys.exit(main("miniImageNet"))

@@ -1,0 +1,27 @@
+"""What `python cifar100.py` and `python miniImageNet100.py` do: parse, run, report."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from utils.cli import parse_config
+from utils.errors import UserError
+from utils.metrics import format_report
+
+
+def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
+    """Run one experiment; return the exit code (2 for a mistake the user can fix)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_config(argv, benchmark)
+        from utils.train import run  # after parsing, so --help and flag errors stay fast
+
+        results = run(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(results["acc_matrix"]))
+    print(f"results written to {config.output_dir}")
+    return 0

@@ -1,0 +1,84 @@
+"""The run directory: config, log, results and checkpoint, each written whole or not at all.
+
+Every file goes to a hidden temporary name in the same directory first and is then renamed
+over the target (`os.replace` is atomic on POSIX), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.txt"
+LOG_FILE = "train.log"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    tmp = _temporary(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented, strict JSON to `path` atomically."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """`torch.save` to `path` atomically."""
+    tmp = _temporary(path)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def attach_log_file(output_dir: Path) -> logging.Handler:
+    """Send this process's log records (INFO and up) to `<output_dir>/train.log` as well."""
+    handler = logging.FileHandler(output_dir / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+    return handler
+
+
+def git_commit() -> str | None:
+    """The project's current git commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result depends on besides the config: versions, device and code revision."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+    }

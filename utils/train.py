@@ -1,0 +1,299 @@
+"""The task-incremental run: for each task, train a sparse sub-network, then test every task.
+
+`run(config)` is the whole experiment; both entry scripts call it. Reading order:
+`run` -> `train_task` -> `train_epoch`, and `evaluate` for the accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DATASET_STATS, Split, TensorLoader, class_order, load_dataset, split_tasks
+from models import build_model
+from sparselearning import Masking, TaskMasks
+from utils import run_dir
+from utils.cli import Config
+from utils.errors import UserError
+from utils.metrics import format_report, summarize
+
+log = logging.getLogger(__name__)
+
+# Settings that may differ between a run and its resumption without changing its results.
+RESUME_MAY_DIFFER = ("resume", "device", "data_dir", "download")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its index, its slice of the classifier, and its data."""
+
+    index: int
+    classes: slice
+    train: Split
+    test: Split
+
+
+# ---------------------------------------------------------------------------- one task
+
+
+def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """A fresh optimizer for each task (the authors' choice)."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.l2)
+
+
+def predictions(logits: torch.Tensor, classes: slice, mode: str) -> torch.Tensor:
+    """Predicted class indices: argmax over the task's own classes ("task") or all ("all_logits")."""
+    if mode == "task":
+        return logits[:, classes].argmax(1) + classes.start
+    return logits.argmax(1)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: TensorLoader,
+    optimizer: torch.optim.Optimizer,
+    masking: Masking | None,
+    task: Task,
+    config: Config,
+) -> tuple[float, float]:
+    """One pass over the task's training data; returns (mean loss, accuracy in percent).
+
+    The loss is the cross-entropy over the task's slice of the logits (the task id is known).
+    """
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no sync per batch
+    for batch, (x, y) in enumerate(loader):
+        if config.max_batches is not None and batch >= config.max_batches:
+            break
+        logits = model(x)
+        loss = F.cross_entropy(logits[:, task.classes], y - task.classes.start)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if masking is not None:
+            masking.step()
+        else:
+            optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (predictions(logits.detach(), task.classes, config.eval) == y).sum()
+        seen += len(y)
+    return float(loss_sum) / seen, 100.0 * float(correct) / seen
+
+
+def batches_per_epoch(loader: TensorLoader, config: Config) -> int:
+    return len(loader) if config.max_batches is None else min(len(loader), config.max_batches)
+
+
+def train_task(
+    model: nn.Module, task: Task, frozen: dict[str, torch.Tensor] | None, config: Config, device: torch.device
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Train `model` on one task; return the task's final mask (None when dense) and a record.
+
+    Fresh optimizer and MultiStepLR (x0.1 at 50 % and 75 % of the epochs). The task keeps the
+    weights and mask of its best-training-accuracy epoch (`--keep best_train`) or its last.
+    """
+    stats = DATASET_STATS[config.dataset]
+    loader = TensorLoader(task.train, batch_size=config.batch_size, train=True, mean=stats[0], std=stats[1],
+                          device=device, seed=config.seed * 1000 + task.index)
+    optimizer = make_optimizer(config, model)
+    milestones = [int(config.epochs * 0.5), int(config.epochs * 0.75)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    masking = None
+    if config.sparse:
+        masking = Masking(
+            optimizer, density=config.density, sparse_init=config.sparse_init, death=config.death,
+            growth=config.growth, death_rate=config.death_rate, update_frequency=config.update_frequency,
+            total_steps=config.epochs * batches_per_epoch(loader, config), frozen=frozen,
+            new_weights=config.new_weights, seed=config.seed * 1000 + task.index,
+        )
+        masking.add_module(model)
+
+    start = time.perf_counter()
+    best_acc, best_epoch, kept = -math.inf, -1, None
+    progress = tqdm(range(config.epochs), desc=f"task {task.index + 1}", unit="epoch", leave=False)
+    for epoch in progress:
+        loss, acc = train_epoch(model, loader, optimizer, masking, task, config)
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
+        log.info("task %d epoch %d: loss %.4f, train accuracy %.2f%%", task.index + 1, epoch + 1, loss, acc)
+        if config.keep == "last" or acc > best_acc:
+            best_acc, best_epoch = acc, epoch
+            if config.keep == "best_train" and epoch < config.epochs - 1:
+                kept = snapshot(model, masking)
+            else:
+                kept = None  # the current state is the one to keep
+    if kept is not None:
+        restore(model, masking, kept)
+    seconds = time.perf_counter() - start
+
+    record: dict[str, Any] = {
+        "task": task.index,
+        "classes": [task.classes.start, task.classes.stop],
+        "train_seconds": seconds,
+        "kept_epoch": best_epoch + 1,
+        "train_acc": best_acc,
+    }
+    if masking is None:
+        return None, record
+    capacity = masking.capacity()["total"]
+    record.update(density=capacity["task"], capacity_used=capacity["used"],
+                  capacity_reused=capacity["reused"], capacity_free=capacity["free"])
+    return masking.consolidate(), record
+
+
+def snapshot(model: nn.Module, masking: Masking | None) -> dict[str, Any]:
+    """Copies of everything `restore` needs to go back to this point of the task."""
+    weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return {"model": weights, "masking": masking.state_dict() if masking is not None else None}
+
+
+def restore(model: nn.Module, masking: Masking | None, kept: dict[str, Any]) -> None:
+    model.load_state_dict(kept["model"])
+    if masking is not None:
+        masking.load_state_dict(kept["masking"])
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, label_shift: int = 0) -> float:
+    """Test accuracy in percent of `model` on `loader`, predicting within `classes`.
+
+    `label_shift` maps the labels of another task onto `classes` (the authors' FWT probe).
+    Test batches come in a fixed order without augmentation; BatchNorm uses batch statistics.
+    """
+    model.eval()
+    correct, seen = 0, 0
+    for x, y in loader:
+        correct += (predictions(model(x), classes, mode) == y - label_shift).sum()
+        seen += len(y)
+    return 100.0 * float(correct) / seen
+
+
+def task_network(model: nn.Module, task_masks: TaskMasks, index: int) -> contextlib.AbstractContextManager:
+    """Context in which `model` is task `index`'s network (its mask applied), if sparse."""
+    return task_masks.apply(model, index) if len(task_masks) > index else contextlib.nullcontext(model)
+
+
+def evaluate_row(
+    model: nn.Module, task_masks: TaskMasks, tasks: list[Task], loaders: list[TensorLoader], i: int, config: Config
+) -> np.ndarray:
+    """Row i of the accuracy matrix, measured now (right after training task i).
+
+    Columns j <= i: task j's network on task j's test set. Columns j > i: the authors' forward
+    transfer probe, task i's network on task j's test set with task j's labels shifted onto
+    task i's classes.
+    """
+    row = np.full(len(tasks), np.nan)
+    for j, task in enumerate(tasks):
+        network = min(i, j)
+        with task_network(model, task_masks, network):
+            shift = (j - i) * config.num_classes_per_task if j > i else 0
+            row[j] = evaluate(model, loaders[j], tasks[network].classes, config.eval, shift)
+    return row
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def build_tasks(config: Config) -> list[Task]:
+    train, test = load_dataset(config.dataset, config.data_dir, download=config.download,
+                               image_size=config.image_size, test_per_class=config.test_per_class, seed=config.seed)
+    order = class_order(config.num_classes, config.class_order, config.seed)
+    k = config.num_classes_per_task
+    train_tasks = split_tasks(train, order, config.num_tasks, k)
+    test_tasks = split_tasks(test, order, config.num_tasks, k)
+    return [Task(t, slice(t * k, (t + 1) * k), train_tasks[t], test_tasks[t]) for t in range(config.num_tasks)]
+
+
+def prepare_output_dir(config: Config) -> dict[str, Any] | None:
+    """Create the run directory; return the checkpoint to resume from, if resuming."""
+    out = config.output_dir
+    checkpoint = out / run_dir.CHECKPOINT_FILE
+    if checkpoint.exists() and not config.resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or --output_dir for a new one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output directory {out}: {error.strerror}") from None
+    if not (config.resume and checkpoint.exists()):
+        return None
+    saved = run_dir.load_checkpoint(checkpoint)
+    now = config.to_dict()
+    changed = [k for k, v in saved["config"].items() if k not in RESUME_MAY_DIFFER and now.get(k) != v]
+    if changed:
+        raise UserError(f"--resume: {out} was run with other settings ({', '.join(changed)}); use a new --output_dir")
+    return saved
+
+
+def run(config: Config) -> dict[str, Any]:
+    """The whole experiment; writes config.json, train.log, checkpoint.pt, results.json, report.txt."""
+    resumed = prepare_output_dir(config)
+    out = config.output_dir
+    handler = run_dir.attach_log_file(out)
+    try:
+        return _run(config, resumed)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run(config: Config, resumed: dict[str, Any] | None) -> dict[str, Any]:
+    out, device = config.output_dir, torch.device(config.device)
+    run_dir.write_json(out / run_dir.CONFIG_FILE, config.to_dict())
+    torch.manual_seed(config.seed)
+    model = build_model(config.net_name, config.num_classes).to(device)
+    tasks = build_tasks(config)
+    stats = DATASET_STATS[config.dataset]
+    test_loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False, mean=stats[0],
+                                 std=stats[1], device=device) for task in tasks]
+
+    acc = np.full((config.num_tasks, config.num_tasks), np.nan)
+    task_masks, records, first = TaskMasks(), [], 0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        task_masks = TaskMasks.from_state_dict(resumed["task_masks"], device)
+        acc = np.array(resumed["acc_matrix"], dtype=float)
+        records, first = resumed["per_task"], resumed["tasks_done"]
+        log.info("resuming %s after task %d of %d", out, first, config.num_tasks)
+
+    for t in range(first, config.num_tasks):
+        task = tasks[t]
+        frozen = task_masks.frozen_before(t) if config.isolate else None
+        mask, record = train_task(model, task, frozen, config, device)
+        if mask is not None:
+            task_masks.add(mask)
+        acc[t] = evaluate_row(model, task_masks, tasks, test_loaders, t, config)
+        record["test_acc"] = acc[t, t]
+        records.append(record)
+        log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s",
+                 t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],
+                 record["kept_epoch"], acc[t, t], record["train_seconds"])
+        run_dir.save_checkpoint(out / run_dir.CHECKPOINT_FILE, {
+            "config": config.to_dict(), "model": model.state_dict(), "task_masks": task_masks.state_dict(),
+            "acc_matrix": acc.tolist(), "per_task": records, "tasks_done": t + 1,
+        })
+
+    results = {
+        "config": config.to_dict(),
+        "acc_matrix": [[None if math.isnan(v) else v for v in row] for row in acc.tolist()],
+        **summarize(acc),
+        "per_task": records,
+        "environment": run_dir.environment(device),
+    }
+    run_dir.write_json(out / run_dir.RESULTS_FILE, results)
+    run_dir.write_text(out / run_dir.REPORT_FILE, format_report(acc) + "\n")
+    return results
+
