@@ -254,12 +254,21 @@ class Masking:
                     continue
                 mask = self.masks[name].view(-1)
                 active = mask.nonzero_static(size=count).squeeze(1)
-                mask[active[top_indices(-p.view(-1)[active].abs(), k)]] = False
+                pruned = active[top_indices(-p.view(-1)[active].abs(), k)]
+                mask[pruned] = False
+                self._reset_entries(p, pruned)  # a pruned weight regrown now starts afresh too
                 scores = self.growth_scores(name).view(-1).masked_fill(mask, float("-inf"))
                 mask[top_indices(scores, k)] = True
                 self.fired[name] |= self.masks[name]
                 self._refresh(name)
         self._dense_grad = {}
+
+    def _reset_entries(self, p: torch.Tensor, indices: torch.Tensor) -> None:
+        """Zero the weight and optimizer state at flat `indices` of parameter `p`."""
+        p.view(-1)[indices] = 0
+        for value in self.optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                value.view(-1)[indices] = 0
 
     def growth_scores(self, name: str) -> torch.Tensor:
         """Scores for growing weights into layer `name`; the largest inactive ones grow.
@@ -352,7 +361,8 @@ class Masking:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` after `add_module` (model and optimizer restored by the caller)."""
+        """Restore `state_dict()`. To resume: build model, optimizer and Masking afresh, call
+        `add_module(model)`, then load the three states (model, optimizer, this)."""
         if state["counts"] != self.counts:
             raise ValueError("this state belongs to a Masking with another allocation")
         self.steps = state["steps"]

@@ -6,14 +6,26 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tqdm import tqdm
+
 from utils.cli import parse_config
 from utils.errors import UserError
 from utils.metrics import format_report
 
 
+class ConsoleHandler(logging.Handler):
+    """INFO and up on stderr, written around the tqdm progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
 def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
     """Run one experiment; return the exit code (2 for a mistake the user can fix)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = ConsoleHandler()
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[console])
     try:
         config = parse_config(argv, benchmark)
         from utils.train import run  # after parsing, so --help and flag errors stay fast

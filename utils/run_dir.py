@@ -51,13 +51,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+PROJECT_LOGGERS = ("data", "models", "sparselearning", "utils")
+
+
 def attach_log_file(output_dir: Path) -> logging.Handler:
-    """Send this process's log records (INFO and up) to `<output_dir>/train.log` as well."""
+    """Append this process's log records to `<output_dir>/train.log`.
+
+    The file gets the project's DEBUG records too (per-epoch lines); the console only INFO.
+    """
     handler = logging.FileHandler(output_dir / LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG)
     return handler
 
 

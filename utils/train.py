@@ -126,7 +126,7 @@ def train_task(
         loss, acc = train_epoch(model, loader, optimizer, masking, task, config)
         scheduler.step()
         progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
-        log.info("task %d epoch %d: loss %.4f, train accuracy %.2f%%", task.index + 1, epoch + 1, loss, acc)
+        log.debug("task %d epoch %d: loss %.4f, train accuracy %.2f%%", task.index + 1, epoch + 1, loss, acc)
         if config.keep == "last" or acc > best_acc:
             best_acc, best_epoch = acc, epoch
             if config.keep == "best_train" and epoch < config.epochs - 1:

@@ -1,0 +1,113 @@
+"""The tensor batch loader: the whole split lives on the device as one uint8 tensor.
+
+Batches are cut with tensor ops; training batches are shuffled and augmented (random crop with
+zero padding, horizontal flip) batch-wise, so loading never becomes the bottleneck.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from data.split import Split
+from utils.errors import UserError
+
+
+class TensorLoader:
+    """Iterate over (x, y) batches of a Split: x float32 [B, 3, H, W] normalized, y int64, on `device`.
+
+    train=True: a new shuffle every epoch and per-sample random crop (offsets in [0, 2*pad] after
+    zero padding by `pad`) and horizontal flip (p=0.5), all drawn from one CPU generator seeded
+    once with `seed`, so two loaders with the same seed give identical epochs.
+    train=False: fixed order, no augmentation. The last partial batch is kept in both cases.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        *,
+        batch_size: int,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        pad: int = 4,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size must be positive, got {batch_size}")
+        if pad < 0:
+            raise UserError(f"crop padding must be non-negative, got {pad}")
+        channels = split.images.shape[1]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean and std need {channels} values, got {len(mean)} and {len(std)}")
+        if split.images.dtype != torch.uint8 or split.images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 [N, C, H, W], got {split.images.dtype} "
+                f"{tuple(split.images.shape)}"
+            )
+        if split.labels.shape != split.images.shape[:1]:
+            raise ValueError(f"{len(split.labels)} labels for {len(split.images)} images")
+
+        self.batch_size = batch_size
+        self.train = train
+        self.pad = pad
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device).contiguous()
+        self.labels = split.labels.to(self.device, torch.int64)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std == x * scale + shift: one addcmul per batch, straight from uint8.
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -mean_t / std_t
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.train:
+            return self._eval_batches()
+        # All of the epoch's random numbers are drawn now, so an epoch does not depend on how
+        # far the previous one was consumed.
+        n, g = len(self.labels), self._generator
+        order = torch.randperm(n, generator=g)
+        dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+        return self._train_batches(*(t.to(self.device) for t in (order, dy, dx, flip)))
+
+    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            end = start + self.batch_size
+            yield self._normalize(self.images[start:end]), self.labels[start:end]
+
+    def _train_batches(
+        self, order: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            idx = order[part]
+            images = crop_and_flip(self.images[idx], dy[part], dx[part], flip[part], self.pad)
+            yield self._normalize(images), self.labels[idx]
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self._shift, images, self._scale)
+
+
+def crop_and_flip(
+    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int
+) -> torch.Tensor:
+    """Crop each sample of the zero-padded batch at (dy, dx) in [0, 2*pad]; flip it where `flip`.
+
+    Output pixel (i, j) of sample b is padded[b, :, dy[b] + i, dx[b] + j'] with j' = W-1-j when
+    flipped, else j: two gathers, no loop over samples.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # [B, H]
+    j = torch.arange(w, device=images.device)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - j, j)  # [B, W]
+    picked_rows = padded.gather(2, rows[:, None, :, None].expand(b, c, h, padded.shape[3]))
+    return picked_rows.gather(3, cols[:, None, None, :].expand(b, c, h, w))

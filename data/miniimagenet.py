@@ -1,0 +1,225 @@
+"""miniImageNet reader: the Kaggle zip (one folder of JPEGs per WordNet id), decoded once and cached.
+
+The first call decodes every JPEG straight out of the zip (nothing is extracted, the zip is never
+touched) and writes all images, resized, as one uint8 array to `miniImageNet_{size}px.npz` next to
+the zip. Later calls read that cache. The train/test split is made per class at load time.
+"""
+
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from data.split import Split
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+ZIP_NAME = "miniImageNet.zip"
+CACHE_VERSION = 1
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+def load_miniimagenet(
+    root: Path, *, image_size: int = 32, test_per_class: int = 100, seed: int = 0
+) -> tuple[Split, Split]:
+    """Return (train, test) from `<root>/miniImageNet.zip`, labels = index of the sorted class folder.
+
+    Per class, a permutation drawn from `numpy.random.default_rng(seed)` of its sorted file names
+    picks the first `test_per_class` images for test, the rest go to train. Within each split
+    samples are ordered by class, then by file name.
+    """
+    root = Path(root)
+    if image_size < 1:
+        raise UserError(f"image size must be positive, got {image_size}")
+    if test_per_class < 1:
+        raise UserError(f"test images per class must be positive, got {test_per_class}")
+    zip_path = root / ZIP_NAME
+    if not zip_path.is_file():
+        raise UserError(
+            f"miniImageNet not found at {zip_path}; download miniImageNet from Kaggle and put "
+            f"{ZIP_NAME} in --data_dir (currently {root})"
+        )
+    images, labels, classes = _load_or_decode(zip_path, image_size)
+    train_idx, test_idx = _split_indices(labels, classes, test_per_class, seed)
+    return _take(images, labels, train_idx), _take(images, labels, test_idx)
+
+
+def cache_path(root: Path, image_size: int) -> Path:
+    """Where the decoded images of `<root>/miniImageNet.zip` at `image_size` pixels are cached."""
+    return Path(root) / f"miniImageNet_{image_size}px.npz"
+
+
+def _split_indices(
+    labels: np.ndarray, classes: list[str], test_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of the train and test samples, drawn per class from one seeded generator.
+
+    `labels` must be sorted by class with each class's samples in file-name order (the cache order).
+    """
+    rng = np.random.default_rng(seed)
+    num_classes = len(classes)
+    counts = np.bincount(labels, minlength=num_classes)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    is_test = np.zeros(len(labels), dtype=bool)
+    for c in range(num_classes):
+        if counts[c] <= test_per_class:
+            raise UserError(
+                f"miniImageNet class {classes[c]} has {counts[c]} images, need more than "
+                f"test_per_class={test_per_class} to leave any for training"
+            )
+        chosen = rng.permutation(int(counts[c]))[:test_per_class]
+        is_test[starts[c] + chosen] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def _take(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> Split:
+    return Split(
+        images=torch.from_numpy(np.ascontiguousarray(images[idx])),
+        labels=torch.from_numpy(labels[idx].astype(np.int64)),
+    )
+
+
+def _zip_key(zip_path: Path) -> tuple[int, int]:
+    stat = zip_path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _load_or_decode(zip_path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    cache = cache_path(zip_path.parent, image_size)
+    key = _zip_key(zip_path)
+    cached = _read_cache(cache, key, image_size)
+    if cached is not None:
+        return cached
+    images, labels, files, classes = _decode_zip(zip_path, image_size)
+    _write_cache(cache, key, image_size, images, labels, files, classes)
+    return images, labels, classes
+
+
+def _read_cache(
+    cache: Path, key: tuple[int, int], image_size: int
+) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The cached arrays, or None when there is no cache or it was made from another zip."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as npz:
+            stored_key = (int(npz["zip_size"]), int(npz["zip_mtime_ns"]))
+            if int(npz["version"]) != CACHE_VERSION or int(npz["image_size"]) != image_size:
+                logger.info("cache %s has another format: decoding the zip again", cache)
+                return None
+            if stored_key != key:
+                logger.info("the zip changed since %s was written: decoding it again", cache)
+                return None
+            images, labels, classes = npz["images"], npz["labels"], [str(c) for c in npz["classes"]]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        logger.warning("ignoring unreadable cache %s (%s): decoding the zip again", cache, exc)
+        return None
+    logger.info("loaded %d miniImageNet images from cache %s", len(labels), cache)
+    return images, labels, classes
+
+
+def _write_cache(
+    cache: Path,
+    key: tuple[int, int],
+    image_size: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    files: list[str],
+    classes: list[str],
+) -> None:
+    """Write the cache atomically (temp file in the same folder, then rename); warn if impossible."""
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                version=np.int64(CACHE_VERSION),
+                image_size=np.int64(image_size),
+                zip_size=np.int64(key[0]),
+                zip_mtime_ns=np.int64(key[1]),
+                images=images,
+                labels=labels,
+                files=np.array(files),
+                classes=np.array(classes),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache is as readable as the zip
+        os.replace(tmp_name, cache)
+        tmp_name = None
+        logger.info("cached decoded miniImageNet images in %s", cache)
+    except OSError as exc:
+        logger.warning(
+            "could not write cache %s (%s): the zip will be decoded again next time", cache, exc
+        )
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+def _list_jpegs(zf: zipfile.ZipFile, zip_path: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """JPEG members sorted by (class folder, file name), their labels and the sorted class names."""
+    by_class: dict[str, list[str]] = {}
+    for name in zf.namelist():
+        path = PurePosixPath(name)
+        if name.endswith("/") or path.suffix.lower() not in _JPEG_SUFFIXES:
+            continue
+        if path.name.startswith("._") or "__MACOSX" in path.parts:  # macOS archive metadata
+            continue
+        if len(path.parts) < 2:
+            raise UserError(
+                f"{zip_path}: image {name} is not inside a class folder; expected the Kaggle "
+                "layout <wnid>/<file>.jpg"
+            )
+        by_class.setdefault(path.parent.name, []).append(name)
+    if not by_class:
+        raise UserError(
+            f"{zip_path} holds no JPEG images; expected the Kaggle layout <wnid>/<file>.jpg"
+        )
+    classes = sorted(by_class)
+    files: list[str] = []
+    labels: list[int] = []
+    for label, wnid in enumerate(classes):
+        members = sorted(by_class[wnid], key=lambda n: PurePosixPath(n).name)
+        files.extend(members)
+        labels.extend([label] * len(members))
+    return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def _decode_zip(
+    zip_path: Path, image_size: int
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Decode every JPEG of the zip, as RGB resized (bilinear) to image_size x image_size."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            files, labels, classes = _list_jpegs(zf, zip_path)
+            logger.info(
+                "decoding %d miniImageNet images of %d classes from %s (once; cached afterwards)",
+                len(files), len(classes), zip_path,
+            )
+            images = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+            for i, name in enumerate(tqdm(files, desc="decoding miniImageNet", unit="img")):
+                images[i] = _decode_one(zf, name, image_size)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise UserError(f"cannot read {zip_path}: {exc}; download it again") from exc
+    except OSError as exc:  # unreadable zip or corrupt image (PIL raises OSError subclasses)
+        raise UserError(f"cannot read {zip_path}: {exc}") from exc
+    return images, labels, files, classes
+
+
+def _decode_one(zf: zipfile.ZipFile, name: str, image_size: int) -> np.ndarray:
+    with zf.open(name) as f:
+        try:
+            with Image.open(f) as img:
+                rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise OSError(f"image {name}: {exc}") from exc
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)

@@ -1,0 +1,590 @@
+"""Tests of data/: the dataset readers, the task split and the tensor batch loader (CPU, fast).
+
+Readers run on small files generated here in the official layouts (always) and on the real
+subsets in ../shared/data (when present; that folder is read-only, so the zip is copied first).
+"""
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DATASET_STATS, Split, TensorLoader, class_order, load_dataset, split_tasks
+from data.cifar100 import load_cifar100
+from data.miniimagenet import cache_path, load_miniimagenet
+from utils.errors import UserError
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_CIFAR = REAL_DATA / "cifar-100-python"
+REAL_ZIP = REAL_DATA / "miniImageNet.zip"
+HAS_REAL_CIFAR = (REAL_CIFAR / "train").is_file() and (REAL_CIFAR / "test").is_file()
+HAS_REAL_ZIP = REAL_ZIP.is_file()
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-100
+# ----------------------------------------------------------------------------------------------
+
+GEN_CIFAR_PER_CLASS = {"train": 2, "test": 1}
+
+
+def known_image() -> np.ndarray:
+    """A [3, 32, 32] image whose planes tell the channel and the axis apart."""
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    return np.stack([rows * 8, cols * 8, np.full((32, 32), 7)]).astype(np.uint8)
+
+
+def write_cifar(root: Path) -> dict[str, np.ndarray]:
+    """Write a small cifar-100-python/ in the official pickle layout; return the raw `data` rows."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name, per_class in GEN_CIFAR_PER_CLASS.items():
+        labels = rng.permutation(np.tile(np.arange(100), per_class))
+        raw = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        raw[0] = known_image().reshape(-1)
+        entry = {
+            "filenames": [f"img_{i}.png" for i in range(len(labels))],
+            "batch_label": f"{name} batch",
+            "fine_labels": labels.tolist(),
+            "coarse_labels": (labels // 5).tolist(),
+            "data": raw,
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=4)
+        rows[name] = raw
+        rows[name + "_labels"] = labels
+    meta = {"fine_label_names": [f"class{i}" for i in range(100)],
+            "coarse_label_names": [f"super{i}" for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=4)
+    return rows
+
+
+@pytest.fixture(params=["generated", pytest.param("real", marks=pytest.mark.skipif(
+    not HAS_REAL_CIFAR, reason="no real CIFAR-100 in ../shared/data"))])
+def cifar_root(request, tmp_path) -> tuple[Path, dict[str, int]]:
+    """(root holding cifar-100-python/, images per class of train and test)."""
+    if request.param == "real":
+        return REAL_DATA, {"train": 250, "test": 100}
+    write_cifar(tmp_path)
+    return tmp_path, GEN_CIFAR_PER_CLASS
+
+
+def test_cifar_shapes_dtypes_and_labels(cifar_root):
+    root, per_class = cifar_root
+    train, test = load_cifar100(root, download=False)
+    for split, name in ((train, "train"), (test, "test")):
+        n = 100 * per_class[name]
+        assert split.images.shape == (n, 3, 32, 32)
+        assert split.images.dtype == torch.uint8 and split.images.is_contiguous()
+        assert split.labels.shape == (n,) and split.labels.dtype == torch.int64
+        assert split.labels.min() == 0 and split.labels.max() == 99
+        assert torch.equal(torch.bincount(split.labels), torch.full((100,), per_class[name]))
+
+
+def test_cifar_pixel_layout(tmp_path):
+    rows = write_cifar(tmp_path)
+    train, test = load_cifar100(tmp_path, download=False)
+    assert torch.equal(train.images[0], torch.from_numpy(known_image()))
+    assert train.images[0, 0, 5, 3] == 5 * 8 and train.images[0, 1, 5, 3] == 3 * 8
+    assert torch.equal(train.images.reshape(len(train.images), -1), torch.from_numpy(rows["train"]))
+    assert torch.equal(test.labels, torch.from_numpy(rows["test_labels"]))
+
+
+@pytest.mark.skipif(not HAS_REAL_CIFAR, reason="no real CIFAR-100 in ../shared/data")
+def test_real_cifar_sizes_and_pixel_statistics():
+    train, test = load_cifar100(REAL_DATA, download=False)
+    assert len(train.labels) == 25_000 and len(test.labels) == 10_000
+    mean = (train.images.float() / 255).mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.tensor(DATASET_STATS["cifar100"][0]), atol=0.02)
+
+
+def test_missing_cifar_without_download_names_the_path(tmp_path):
+    root = tmp_path / "nowhere"
+    with pytest.raises(UserError, match="not found") as err:
+        load_cifar100(root, download=False)
+    assert str(root / "cifar-100-python") in str(err.value)
+    assert not root.exists()
+
+
+def test_cifar_download_failure_is_a_user_error(tmp_path, monkeypatch):
+    from torchvision.datasets import utils as tv_utils
+
+    def offline(**kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(UserError, match="download failed") as err:
+        load_cifar100(tmp_path, download=True)
+    assert str(tmp_path / "cifar-100-python") in str(err.value)
+    assert os.listdir(tmp_path) == []  # no half-extracted folder left behind
+
+
+def test_cifar_download_extracts_into_place(tmp_path, monkeypatch):
+    from torchvision.datasets import utils as tv_utils
+
+    source = tmp_path / "source"
+    rows = write_cifar(source)
+    calls = []
+
+    def fake_download(*, url, download_root, extract_root=None, md5=None, **kwargs):
+        calls.append((url, md5))
+        target = Path(extract_root or download_root) / "cifar-100-python"
+        shutil.copytree(source / "cifar-100-python", target)
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    root = tmp_path / "root"
+    train, _ = load_cifar100(root, download=True)
+    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                      "eb9058c3a382ffc7106e4002c42a8d85")]
+    assert torch.equal(train.images.reshape(len(train.images), -1), torch.from_numpy(rows["train"]))
+    assert sorted(os.listdir(root)) == ["cifar-100-python"]
+
+
+@pytest.mark.parametrize("content", [
+    b"not a pickle at all",
+    pickle.dumps({"data": np.zeros((2, 5), np.uint8), "fine_labels": [0, 1]}),  # wrong shape
+    pickle.dumps({"fine_labels": [0]}),  # no data
+])
+def test_malformed_cifar_is_a_user_error(tmp_path, content):
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-100-python" / "train").write_bytes(content)
+    with pytest.raises(UserError, match="cannot read CIFAR-100"):
+        load_cifar100(tmp_path, download=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# miniImageNet
+# ----------------------------------------------------------------------------------------------
+
+# Deliberately not in sorted order, with unequal class sizes.
+GEN_CLASSES = {"n03000000": 10, "n01000000": 8, "n02000000": 9}
+GEN_COLORS = {"n03000000": (220, 30, 30), "n01000000": (30, 220, 30), "n02000000": (30, 30, 220)}
+GEN_TEST_PER_CLASS = 3
+
+
+def jpeg_bytes(wnid: str, k: int, size: int = 40) -> bytes:
+    """Top half: the class colour; bottom half: a grey level that tells the file number k."""
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[: size // 2] = GEN_COLORS[wnid]
+    pixels[size // 2:] = 10 + 20 * k
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_mini_zip(path: Path, classes: dict[str, int], top: str | None = None) -> None:
+    """A Kaggle-layout zip; members are written in a scrambled order so the reader must sort."""
+    prefix = f"{top}/" if top else ""
+    members = [(wnid, k) for wnid, n in classes.items() for k in range(n)]
+    order = np.random.default_rng(1).permutation(len(members))
+    with zipfile.ZipFile(path, "w") as zf:
+        if top:
+            zf.writestr(prefix, b"")
+            for wnid in classes:
+                zf.writestr(f"{prefix}{wnid}/", b"")
+        for i in order:
+            wnid, k = members[i]
+            zf.writestr(f"{prefix}{wnid}/{wnid}{k:08d}.jpg", jpeg_bytes(wnid, k))
+
+
+def file_number(images: torch.Tensor) -> np.ndarray:
+    """Decode k from the grey bottom half of generated images."""
+    grey = images[:, :, -images.shape[2] // 4:, :].float().mean(dim=(1, 2, 3)).numpy()
+    return np.rint((grey - 10) / 20).astype(int)
+
+
+@pytest.fixture(params=["flat", "nested", pytest.param("real", marks=pytest.mark.skipif(
+    not HAS_REAL_ZIP, reason="no real miniImageNet.zip in ../shared/data"))])
+def mini_root(request, tmp_path) -> tuple[str, Path]:
+    """(kind, a fresh folder holding only miniImageNet.zip)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    if request.param == "real":
+        shutil.copy(REAL_ZIP, root / "miniImageNet.zip")
+    else:
+        write_mini_zip(root / "miniImageNet.zip", GEN_CLASSES,
+                       top="miniImageNet" if request.param == "nested" else None)
+    return request.param, root
+
+
+@pytest.fixture
+def open_calls(monkeypatch) -> list[object]:
+    """Record every call of PIL.Image.open (the reader must look it up at call time)."""
+    calls: list[object] = []
+    real_open = Image.open
+
+    def spy(*args, **kwargs):
+        calls.append(args[0] if args else kwargs)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", spy)
+    return calls
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_miniimagenet_cache_and_no_side_effects(mini_root, open_calls):
+    kind, root = mini_root
+    zip_path = root / "miniImageNet.zip"
+    stat = zip_path.stat()
+    digest = hashlib.sha256(zip_path.read_bytes()).hexdigest()
+    before = tree(root)
+
+    train, test = load_miniimagenet(root, image_size=32, test_per_class=GEN_TEST_PER_CLASS)
+    n_images = len(train.labels) + len(test.labels)
+    assert len(open_calls) == n_images
+
+    cache = cache_path(root, 32)
+    assert cache.name == "miniImageNet_32px.npz" and cache.is_file()
+    assert tree(root) == before | {cache.name}  # nothing extracted, no temp file left
+    assert zip_path.stat().st_size == stat.st_size and zip_path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert hashlib.sha256(zip_path.read_bytes()).hexdigest() == digest
+
+    open_calls.clear()
+    train2, test2 = load_miniimagenet(root, image_size=32, test_per_class=GEN_TEST_PER_CLASS)
+    assert open_calls == []  # served from the cache
+    for a, b in ((train, train2), (test, test2)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert tree(root) == before | {cache.name}
+
+
+def test_miniimagenet_splits(mini_root):
+    kind, root = mini_root
+    tpc = 10 if kind == "real" else GEN_TEST_PER_CLASS
+    train, test = load_miniimagenet(root, image_size=32, test_per_class=tpc, seed=0)
+    for split in (train, test):
+        assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 32, 32)
+        assert split.images.is_contiguous() and split.labels.dtype == torch.int64
+    if kind == "real":
+        assert len(train.labels) == 5000 and len(test.labels) == 1000
+        assert torch.equal(torch.bincount(test.labels), torch.full((100,), 10))
+        assert torch.equal(torch.bincount(train.labels), torch.full((100,), 50))
+    else:
+        counts = [GEN_CLASSES[w] for w in sorted(GEN_CLASSES)]
+        assert torch.bincount(test.labels).tolist() == [tpc] * len(counts)
+        assert torch.bincount(train.labels).tolist() == [c - tpc for c in counts]
+
+    same_train, same_test = load_miniimagenet(root, image_size=32, test_per_class=tpc, seed=0)
+    assert torch.equal(same_test.images, test.images) and torch.equal(same_train.images, train.images)
+    other_train, other_test = load_miniimagenet(root, image_size=32, test_per_class=tpc, seed=1)
+    assert not torch.equal(other_test.images, test.images)
+    assert torch.equal(other_test.labels, test.labels)  # same sizes per class, other images
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_miniimagenet_labels_and_split_follow_sorted_names(tmp_path, seed):
+    write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
+    train, test = load_miniimagenet(
+        tmp_path, image_size=16, test_per_class=GEN_TEST_PER_CLASS, seed=seed)
+    wnids = sorted(GEN_CLASSES)
+    rng = np.random.default_rng(seed)
+    for label, wnid in enumerate(wnids):
+        expected_test = np.sort(rng.permutation(GEN_CLASSES[wnid])[:GEN_TEST_PER_CLASS])
+        in_test, in_train = test.images[test.labels == label], train.images[train.labels == label]
+        # Label = position of the class folder in sorted order: check the class colour.
+        top = torch.cat([in_test, in_train])[:, :, :4].float().mean(dim=(0, 2, 3))
+        assert torch.allclose(top, torch.tensor(GEN_COLORS[wnid], dtype=torch.float32), atol=12)
+        # Test = first test_per_class of a seeded permutation of the sorted file names;
+        # each split keeps file-name order.
+        assert file_number(in_test).tolist() == expected_test.tolist()
+        expected_train = np.setdiff1d(np.arange(GEN_CLASSES[wnid]), expected_test)
+        assert file_number(in_train).tolist() == expected_train.tolist()
+
+
+def test_miniimagenet_image_size_and_separate_caches(tmp_path):
+    write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
+    small, _ = load_miniimagenet(tmp_path, image_size=16, test_per_class=GEN_TEST_PER_CLASS)
+    large, _ = load_miniimagenet(tmp_path, image_size=40, test_per_class=GEN_TEST_PER_CLASS)
+    assert small.images.shape[2:] == (16, 16) and large.images.shape[2:] == (40, 40)
+    assert cache_path(tmp_path, 16).is_file() and cache_path(tmp_path, 40).is_file()
+
+
+def test_miniimagenet_changed_zip_is_decoded_again(tmp_path, open_calls):
+    zip_path = tmp_path / "miniImageNet.zip"
+    write_mini_zip(zip_path, GEN_CLASSES)
+    load_miniimagenet(tmp_path, test_per_class=GEN_TEST_PER_CLASS)
+
+    # Same content, new mtime: decoded again.
+    open_calls.clear()
+    st = zip_path.stat()
+    os.utime(zip_path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    load_miniimagenet(tmp_path, test_per_class=GEN_TEST_PER_CLASS)
+    assert len(open_calls) == sum(GEN_CLASSES.values())
+
+    # New content: the new images are served, and the cache follows.
+    bigger = dict(GEN_CLASSES, n01000000=11)
+    write_mini_zip(zip_path, bigger)
+    train, test = load_miniimagenet(tmp_path, test_per_class=GEN_TEST_PER_CLASS)
+    assert len(train.labels) + len(test.labels) == sum(bigger.values())
+    open_calls.clear()
+    train, test = load_miniimagenet(tmp_path, test_per_class=GEN_TEST_PER_CLASS)
+    assert open_calls == [] and len(train.labels) + len(test.labels) == sum(bigger.values())
+
+
+def test_miniimagenet_missing_zip_names_the_path(tmp_path):
+    with pytest.raises(UserError, match="Kaggle") as err:
+        load_miniimagenet(tmp_path)
+    assert str(tmp_path / "miniImageNet.zip") in str(err.value)
+
+
+def test_miniimagenet_bad_zips_are_user_errors(tmp_path):
+    zip_path = tmp_path / "miniImageNet.zip"
+    zip_path.write_bytes(b"PK\x03\x04 this is not really a zip")
+    with pytest.raises(UserError, match="cannot read"):
+        load_miniimagenet(tmp_path)
+
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("n01000000/readme.txt", b"no images here")
+    with pytest.raises(UserError, match="no JPEG"):
+        load_miniimagenet(tmp_path)
+
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("n01000000/n0100000000000001.jpg", b"\xff\xd8 truncated jpeg")
+        zf.writestr("n01000000/n0100000000000002.jpg", jpeg_bytes("n01000000", 2))
+    with pytest.raises(UserError, match="n0100000000000001.jpg"):
+        load_miniimagenet(tmp_path, test_per_class=1)
+    assert sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # no cache of a failed decode
+
+
+def test_miniimagenet_too_few_images_per_class(tmp_path):
+    write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
+    with pytest.raises(UserError, match="n01000000 has 8 images"):
+        load_miniimagenet(tmp_path, test_per_class=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# load_dataset and DATASET_STATS
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_dataset_dispatches(tmp_path):
+    write_cifar(tmp_path)
+    write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
+    train, test = load_dataset("cifar100", tmp_path, download=False)
+    assert len(train.labels) == 200 and len(test.labels) == 100
+    train, test = load_dataset("miniImageNet", tmp_path, image_size=8, test_per_class=2, seed=3)
+    assert train.images.shape[2:] == (8, 8) and len(test.labels) == 2 * len(GEN_CLASSES)
+    with pytest.raises(UserError, match="unknown dataset"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_dataset_stats():
+    assert set(DATASET_STATS) == {"cifar100", "miniImageNet"}
+    for mean, std in DATASET_STATS.values():
+        assert len(mean) == len(std) == 3 and all(0 < v < 1 for v in (*mean, *std))
+    assert set(data.__all__) == {"Split", "load_dataset", "DATASET_STATS", "class_order",
+                                 "split_tasks", "TensorLoader"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_class_order():
+    assert class_order(100, "fixed", seed=7) == list(range(100))
+    order = class_order(100, "random", seed=7)
+    assert sorted(order) == list(range(100)) and order != list(range(100))
+    assert all(type(c) is int for c in order)
+    assert order == class_order(100, "random", seed=7)
+    assert order != class_order(100, "random", seed=8)
+    with pytest.raises(UserError, match="class order"):
+        class_order(100, "shuffled", seed=0)
+
+
+def labelled_split(num_classes: int, per_class: int, seed: int = 0) -> Split:
+    """Shuffled labels; pixel [0, 0, 0] of sample i holds i, so samples can be traced."""
+    labels = torch.from_numpy(np.random.default_rng(seed).permutation(
+        np.repeat(np.arange(num_classes), per_class)))
+    images = torch.zeros(len(labels), 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(len(labels), dtype=torch.uint8)
+    return Split(images=images, labels=labels)
+
+
+def test_split_tasks_remaps_labels_and_keeps_order():
+    split = labelled_split(num_classes=10, per_class=6)
+    order = class_order(10, "random", seed=3)
+    tasks = split_tasks(split, order, num_tasks=4, classes_per_task=2)  # 2 classes left out
+    assert len(tasks) == 4
+    for t, task in enumerate(tasks):
+        assert len(task.labels) == 12 and task.labels.dtype == torch.int64
+        assert task.images.dtype == torch.uint8 and task.images.is_contiguous()
+        assert sorted(task.labels.unique().tolist()) == [2 * t, 2 * t + 1]
+        source = task.images[:, 0, 0, 0].long()
+        assert torch.all(source[1:] > source[:-1])  # original relative order
+        original = split.labels[source]
+        assert torch.equal(torch.tensor(order)[task.labels], original)
+        assert torch.equal(task.images, split.images[source])
+        task_classes = torch.tensor(order[2 * t:2 * t + 2])
+        expected = torch.nonzero(torch.isin(split.labels, task_classes)).squeeze(1)
+        assert torch.equal(source, expected)
+
+
+def test_split_tasks_fixed_order_and_too_many_tasks():
+    split = labelled_split(num_classes=6, per_class=3)
+    tasks = split_tasks(split, class_order(6, "fixed", 0), num_tasks=3, classes_per_task=2)
+    for t, task in enumerate(tasks):
+        assert torch.equal(task.labels, split.labels[task.images[:, 0, 0, 0].long()])
+        assert set(task.labels.tolist()) == {2 * t, 2 * t + 1}
+    with pytest.raises(UserError, match="need 8 classes"):
+        split_tasks(split, list(range(6)), num_tasks=4, classes_per_task=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorLoader
+# ----------------------------------------------------------------------------------------------
+
+IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # x = pixels / 255
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Undo the identity normalization exactly."""
+    return torch.round(x * 255).to(torch.uint8)
+
+
+def indexed_split(n: int, size: int = 32, seed: int = 0) -> Split:
+    """Random images, label i for sample i."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+    return Split(images=images, labels=torch.arange(n))
+
+
+def epoch(loader: TensorLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_loader_batches_shapes_and_dtypes(train):
+    split = indexed_split(10, size=8)
+    mean, std = DATASET_STATS["cifar100"]
+    loader = TensorLoader(split, batch_size=4, train=train, mean=mean, std=std,
+                          device=torch.device("cpu"))
+    assert len(loader) == 3
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    for x, y in batches:
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 8, 8) and x.device.type == "cpu"
+        assert y.dtype == torch.int64 and y.device.type == "cpu"
+    assert len(TensorLoader(split, batch_size=5, train=train, **IDENTITY)) == 2
+    assert len(TensorLoader(split, batch_size=64, train=train, **IDENTITY)) == 1
+
+
+def test_eval_loader_is_fixed_and_plainly_normalized():
+    split = indexed_split(50)
+    mean, std = DATASET_STATS["cifar100"]
+    loader = TensorLoader(split, batch_size=16, train=False, mean=mean, std=std, seed=1)
+    x1, y1 = epoch(loader)
+    x2, y2 = epoch(loader)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(y1, split.labels)
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    plain = (split.images.float() / 255 - mean_t) / std_t
+    assert torch.allclose(x1, plain, atol=1e-5, rtol=0)
+
+
+def test_train_loader_visits_each_sample_once_per_epoch_and_reshuffles():
+    loader = TensorLoader(indexed_split(103, size=8), batch_size=10, train=True, **IDENTITY)
+    orders = [epoch(loader)[1] for _ in range(3)]
+    for order in orders:
+        assert torch.equal(torch.sort(order).values, torch.arange(103))
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
+
+
+def test_train_loader_is_deterministic_per_seed():
+    split = indexed_split(64)
+    a, b, c = (TensorLoader(split, batch_size=16, train=True, seed=s, **IDENTITY) for s in (3, 3, 4))
+    for _ in range(2):
+        (xa, ya), (xb, yb), (xc, yc) = epoch(a), epoch(b), epoch(c)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert not torch.equal(ya, yc)
+
+
+def test_train_augmentation_is_a_padded_crop_and_maybe_a_flip():
+    pad, n = 2, 40
+    split = indexed_split(n, size=8)
+    padded = torch.nn.functional.pad(split.images, (pad, pad, pad, pad))
+    x, y = epoch(TensorLoader(split, batch_size=16, train=True, pad=pad, **IDENTITY))
+    seen_flip = set()
+    offsets = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+    for out, i in zip(to_pixels(x), y.tolist()):
+        matches = []
+        for dy, dx in offsets:
+            crop = padded[i, :, dy:dy + 8, dx:dx + 8]
+            matches += [(dy, dx, False)] if torch.equal(out, crop) else []
+            matches += [(dy, dx, True)] if torch.equal(out, crop.flip(-1)) else []
+        assert len(matches) == 1, f"sample {i} is no crop/flip of its source"
+        seen_flip.add(matches[0][2])
+    assert seen_flip == {False, True}
+
+
+def constant_split(n: int, value: int = 200) -> Split:
+    images = torch.full((n, 3, 32, 32), value, dtype=torch.uint8)
+    return Split(images=images, labels=torch.zeros(n, dtype=torch.int64))
+
+
+def test_random_crop_statistics():
+    n, pad, size = 2000, 4, 32
+    x, _ = epoch(TensorLoader(constant_split(n), batch_size=256, train=True, pad=pad, **IDENTITY))
+    pixels = to_pixels(x)
+    assert set(pixels.unique().tolist()) == {0, 200}  # only padding or image
+    is_pad = pixels[:, 0] == 0
+
+    # Expected padded fraction: offsets d uniform on 0..2p, |d - p| rows/columns of padding.
+    shift = np.abs(np.arange(2 * pad + 1) - pad).mean()
+    expected = 1 - (1 - shift / size) ** 2
+    assert abs(is_pad.float().mean().item() - expected) < 0.01
+
+    # Offsets recovered per sample from the padded rows/columns are uniform on 0..2p.
+    for axis in (1, 2):  # rows, columns of [N, H, W]
+        line_is_pad = is_pad.all(dim=3 - axis)  # [N, size]: whole row (or column) padded
+        before = line_is_pad[:, : size // 2].sum(1)
+        after = line_is_pad[:, size // 2:].sum(1)
+        assert torch.all((before == 0) | (after == 0))
+        offset = pad - before + after
+        freq = torch.bincount(offset, minlength=2 * pad + 1).float() / n
+        assert freq.numel() == 2 * pad + 1
+        assert torch.all((freq - 1 / (2 * pad + 1)).abs() < 0.03), freq
+
+    eval_x, _ = epoch(TensorLoader(constant_split(n), batch_size=256, train=False, pad=pad, **IDENTITY))
+    assert torch.all(to_pixels(eval_x) == 200)
+
+
+def two_halves_split(n: int) -> Split:
+    images = torch.full((n, 3, 32, 32), 50, dtype=torch.uint8)
+    images[..., 16:] = 150
+    return Split(images=images, labels=torch.zeros(n, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("pad", [4, 0])
+def test_random_flip_statistics(pad):
+    n = 2000
+    split = two_halves_split(n)
+    x, _ = epoch(TensorLoader(split, batch_size=256, train=True, pad=pad, **IDENTITY))
+    pixels = to_pixels(x)
+    # Whatever the crop offset (|shift| <= 4), pixel (16, 8) stays in the half it came from.
+    left = pixels[:, 0, 16, 8]
+    assert set(left.unique().tolist()) <= {50, 150}
+    flipped = (left == 150).float().mean().item()
+    assert abs(flipped - 0.5) < 0.05  # ~4.5 standard deviations of a fair coin over 2000 samples
+    if pad == 0:
+        original = split.images[0]
+        is_original = (pixels == original).flatten(1).all(1)
+        is_flipped = (pixels == original.flip(-1)).flatten(1).all(1)
+        assert torch.all(is_original ^ is_flipped)
+    eval_x, _ = epoch(TensorLoader(split, batch_size=256, train=False, pad=pad, **IDENTITY))
+    assert torch.equal(to_pixels(eval_x), split.images)
