@@ -29,6 +29,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -45,6 +46,17 @@ MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Optimizers for which a zero gradient on an entry with zero state and no weight decay
 # provably leaves that entry's weight and state exactly unchanged.
 _ZERO_GRAD_EXACT = (torch.optim.SGD, torch.optim.Adam)
+
+
+def stream_seed(seed: int) -> int:
+    """The seed of Masking's own random stream, derived from `seed`.
+
+    Seeding a generator with `seed` itself would replay the stream that `torch.manual_seed(seed)`
+    gives the weight initialization: the "random" initial mask would then pick each layer's
+    most positive weights, and such a network barely trains. Mixing in a tag makes the streams
+    independent.
+    """
+    return int(np.random.SeedSequence([seed, 0x6D61736B]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def maskable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -71,7 +83,8 @@ class Masking:
         frozen: parameter name -> bool tensor of weights owned by earlier tasks, or None.
         new_weights: where never-used weights entering a later task's initial mask start:
             "zero" (the authors') or "init" (a fresh draw of the layer's default init).
-        seed: seeds every random draw of this object (initial mask, random growth).
+        seed: seeds every random draw of this object (initial mask, random growth) through
+            `stream_seed`, so it may equal the seed of the weight initialization.
     """
 
     def __init__(
@@ -141,7 +154,7 @@ class Masking:
         if unmasked:
             log.warning("parameters outside the masks are shared and trained by every task: %s", unmasked)
         device = next(iter(self.params.values())).device
-        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        self.generator = torch.Generator(device=device).manual_seed(stream_seed(self.seed))
         self.counts = allocate_counts({n: p.shape for n, p in self.params.items()}, self.density, self.sparse_init)
 
         frozen = self._frozen_arg or {}

@@ -820,3 +820,17 @@ def test_state_dict_roundtrip(growth, frozen_run):
     """A restored Masking continues bit-identically: its state holds masks, fired, RNG, step,
     growth statistics and frozen values."""
     _resume_case(growth, frozen_run=frozen_run)
+
+
+def test_mask_is_independent_of_weights_drawn_with_the_same_seed():
+    """torch.manual_seed(s) for the weights and Masking(seed=s) must not share a random stream:
+    otherwise the initial mask selects each layer's most positive weights and training stalls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 300, bias=False))
+    mask = Masking(torch.optim.SGD(model.parameters(), lr=0.1), density=0.1, sparse_init="uniform",
+                   update_frequency=0, total_steps=10, seed=0)
+    before = model[0].weight.detach().clone()
+    mask.add_module(model)
+    chosen = before[mask.masks["0.weight"]]
+    # 12,000 independent picks: the fraction of positive weights is 0.5 +- 0.005 (1 sd)
+    assert abs((chosen > 0).float().mean().item() - 0.5) < 0.03

@@ -43,6 +43,18 @@ class Task:
     test: Split
 
 
+def derive_seed(seed: int, *keys: int) -> int:
+    """An independent seed for one random stream of the run (e.g. task t's loader).
+
+    Seeding every generator with `seed` itself would give them all the stream of the weight
+    initialization (`torch.manual_seed(seed)`); SeedSequence keeps the streams apart.
+    """
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+LOADER_STREAM, MASK_STREAM = 1, 2
+
+
 # ---------------------------------------------------------------------------- one task
 
 
@@ -105,7 +117,7 @@ def train_task(
     """
     stats = DATASET_STATS[config.dataset]
     loader = TensorLoader(task.train, batch_size=config.batch_size, train=True, mean=stats[0], std=stats[1],
-                          device=device, seed=config.seed * 1000 + task.index)
+                          device=device, seed=derive_seed(config.seed, LOADER_STREAM, task.index))
     optimizer = make_optimizer(config, model)
     milestones = [int(config.epochs * 0.5), int(config.epochs * 0.75)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
@@ -115,7 +127,7 @@ def train_task(
             optimizer, density=config.density, sparse_init=config.sparse_init, death=config.death,
             growth=config.growth, death_rate=config.death_rate, update_frequency=config.update_frequency,
             total_steps=config.epochs * batches_per_epoch(loader, config), frozen=frozen,
-            new_weights=config.new_weights, seed=config.seed * 1000 + task.index,
+            new_weights=config.new_weights, seed=derive_seed(config.seed, MASK_STREAM, task.index),
         )
         masking.add_module(model)
 
