@@ -474,7 +474,7 @@ def test_death_prunes_exactly_smallest_magnitudes(with_frozen, width):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mask = Masking(
         opt, density=0.5, sparse_init="uniform", growth="random", update_frequency=0,
-        total_steps=10**6, frozen=frozen, seed=0,
+        total_steps=10**6, frozen=frozen, seed=2,  # tiny case: some trainable entries survive
     )
     mask.add_module(model)
     params = dict(model.named_parameters())
