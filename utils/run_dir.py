@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,27 +24,30 @@ LOG_FILE = "train.log"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write` on a hidden temporary file next to `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically."""
-    tmp = _temporary(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented, strict JSON to `path` atomically."""
+    """Write `data` as indented, strict JSON (no NaN) to `path` atomically."""
     write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """`torch.save` to `path` atomically."""
-    tmp = _temporary(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -288,7 +288,7 @@ def _run(config: Config, resumed: dict[str, Any] | None) -> dict[str, Any]:
         if mask is not None:
             task_masks.add(mask)
         acc[t] = evaluate_row(model, task_masks, tasks, test_loaders, t, config)
-        record["test_acc"] = acc[t, t]
+        record["test_acc"] = float(acc[t, t])
         records.append(record)
         log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s",
                  t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],

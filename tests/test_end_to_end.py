@@ -1,0 +1,213 @@
+"""End-to-end runs of the two entry points on real images, plus determinism and resume.
+
+The runs read ../shared/data when it is present (real CIFAR-100 and miniImageNet subsets) and
+otherwise small files generated here in the same layouts, with class-dependent colours so that
+a network can learn them; the real loading code runs either way.
+"""
+
+import io
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparselearning import TaskMasks
+from utils import run_dir, train
+from utils.entry import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHECKPOINT, RESULTS = run_dir.CHECKPOINT_FILE, run_dir.RESULTS_FILE
+
+
+def class_images(label: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """n noisy HxWx3 uint8 images whose colour layout depends on the class."""
+    base = np.zeros((size, size, 3))
+    base[:, :, label % 3] = 200
+    base[: size // 2, :, (label // 3) % 3] += 50 * (1 + label % 4)
+    noise = rng.normal(0, 30, (n, size, size, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def write_fake_cifar(root: Path, per_class: dict[str, int], classes: int = 10) -> None:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        labels = np.repeat(np.arange(100), n)
+        images = np.zeros((len(labels), 32, 32, 3), dtype=np.uint8)
+        for c in range(classes):
+            images[labels == c] = class_images(c, n, 32, rng)
+        data = images.transpose(0, 3, 1, 2).reshape(len(labels), -1)
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
+                         "batch_label": split}, f, protocol=4)
+
+
+def write_fake_miniimagenet(path: Path, classes: int = 10, per_class: int = 60) -> None:
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        for c in range(100):
+            wnid = f"n{c:08d}"
+            images = class_images(c if c < classes else 0, per_class if c < classes else 12, 84, rng)
+            for k, image in enumerate(images):
+                buf = io.BytesIO()
+                Image.fromarray(image).save(buf, format="JPEG", quality=90)
+                zf.writestr(f"{wnid}/{wnid}{k:08d}.jpg", buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    if (SHARED / "cifar-100-python" / "train").is_file():
+        return SHARED
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, {"train": 250, "test": 100})
+    return root
+
+
+@pytest.fixture(scope="module")
+def mini_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mini")  # the cache is written next to the zip: never in shared/
+    if (SHARED / "miniImageNet.zip").is_file():
+        shutil.copy(SHARED / "miniImageNet.zip", root / "miniImageNet.zip")
+    else:
+        write_fake_miniimagenet(root / "miniImageNet.zip")
+    return root
+
+
+def run(benchmark: str, data_dir: Path, out: Path, *flags: str) -> dict:
+    argv = ["--data_dir", str(data_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *flags]
+    assert main(benchmark, argv) == 0
+    return json.loads((out / RESULTS).read_text())
+
+
+def check_isolated_run(results: dict, out: Path, tasks: int, classes_per_task: int, density: float) -> None:
+    """Results files, exact densities, zero forgetting, and learning clearly above chance."""
+    for key in ("config", "acc_matrix", "acc", "bwt", "fwt", "inc_acc", "per_task", "environment"):
+        assert key in results, key
+    for name in (run_dir.CONFIG_FILE, run_dir.LOG_FILE, run_dir.REPORT_FILE, CHECKPOINT):
+        assert (out / name).is_file(), name
+    assert results["environment"]["torch"] == torch.__version__
+    acc = np.array(results["acc_matrix"], dtype=float)
+    assert acc.shape == (tasks, tasks)
+    # isolation: each task's accuracy after the last task equals the one right after training it
+    for j in range(tasks):
+        assert np.all(acc[j:, j] == acc[j, j]), acc
+    assert results["bwt"] == 0.0
+    assert results["acc"] == pytest.approx(acc[-1].mean())
+    for record in results["per_task"]:
+        assert abs(record["density"] - density) < 1e-5, record  # exact counts, rounding only
+        assert record["capacity_used"] + record["capacity_free"] == pytest.approx(1.0)
+    assert results["per_task"][-1]["capacity_used"] > density  # later tasks add weights
+    chance = 100 / classes_per_task
+    assert acc[-1].mean() > chance + 15, acc  # e.g. > 35 % with 5 classes per task
+    store = TaskMasks.from_state_dict(run_dir.load_checkpoint(out / CHECKPOINT)["task_masks"])
+    assert len(store) == tasks
+
+
+def test_cifar100_end_to_end(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    results = run("cifar100", cifar_dir, out, "--num_tasks", "2", "--num_classes", "10",
+                  "--num_classes_per_task", "5", "--epochs", "2", "--density", "0.2", "--sparse_init", "ERK",
+                  "--growth", "gradient", "--update_frequency", "10")
+    check_isolated_run(results, out, tasks=2, classes_per_task=5, density=0.2)
+    assert results["config"]["growth"] == "gradient"
+    assert "ACCURACY MATRIX" in (out / run_dir.REPORT_FILE).read_text()
+
+
+def test_miniimagenet_end_to_end(mini_dir, tmp_path):
+    out = tmp_path / "run"
+    results = run("miniImageNet", mini_dir, out, "--num_tasks", "2", "--num_classes", "10",
+                  "--num_classes_per_task", "5", "--epochs", "3", "--batch_size", "16", "--test_per_class", "10",
+                  "--density", "0.3", "--sparse_init", "uniform", "--growth", "momentum", "--update_frequency", "20")
+    check_isolated_run(results, out, tasks=2, classes_per_task=5, density=0.3)
+    assert (mini_dir / "miniImageNet_32px.npz").is_file()
+
+
+SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
+         "--max_batches", "3", "--update_frequency", "2", "--growth", "random"]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return run_dir.load_checkpoint(out / CHECKPOINT)["model"]
+
+
+def test_same_seed_same_results_bit_for_bit(cifar_dir, tmp_path):
+    a = run("cifar100", cifar_dir, tmp_path / "a", *SMALL)
+    b = run("cifar100", cifar_dir, tmp_path / "b", *SMALL)
+    assert a["acc_matrix"] == b["acc_matrix"]
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)
+    c = run("cifar100", cifar_dir, tmp_path / "c", *SMALL, "--seed", "1")
+    wc = final_weights(tmp_path / "c")
+    assert not all(torch.equal(wa[name], wc[name]) for name in wa)
+
+
+def test_resume_after_a_task_continues_identically(cifar_dir, tmp_path, monkeypatch):
+    reference = run("cifar100", cifar_dir, tmp_path / "ref", *SMALL)
+
+    calls = []
+    real_train_task = train.train_task
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # the run dies during the second task
+        calls.append(1)
+        return real_train_task(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("cifar100", cifar_dir, tmp_path / "cut", *SMALL)
+    assert not (tmp_path / "cut" / RESULTS).exists()
+    assert run_dir.load_checkpoint(tmp_path / "cut" / CHECKPOINT)["tasks_done"] == 1
+    monkeypatch.setattr(train, "train_task", real_train_task)
+
+    resumed = run("cifar100", cifar_dir, tmp_path / "cut", *SMALL, "--resume")
+    assert resumed["acc_matrix"] == reference["acc_matrix"]
+    wr, wf = final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut")
+    assert all(torch.equal(wr[name], wf[name]) for name in wr)
+
+
+def test_existing_run_needs_resume_and_resume_checks_the_config(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run("cifar100", cifar_dir, out, *SMALL)
+    argv = ["--data_dir", str(cifar_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *SMALL]
+    assert main("cifar100", argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main("cifar100", [*argv, "--resume", "--density", "0.5"]) == 2
+    assert "density" in capsys.readouterr().err
+
+
+def test_baselines_dense_and_without_isolation_run(cifar_dir, tmp_path):
+    dense = run("cifar100", cifar_dir, tmp_path / "dense", *SMALL, "--no-sparse")
+    assert dense["config"]["sparse"] is False and "density" not in dense["per_task"][0]
+    noiso = run("cifar100", cifar_dir, tmp_path / "noiso", *SMALL, "--no-isolate", "--eval", "all_logits")
+    assert noiso["per_task"][1]["capacity_reused"] == 0.0  # nothing frozen, so nothing counted as reused
+    static = run("cifar100", cifar_dir, tmp_path / "static", *SMALL, "--update_frequency", "0", "--keep", "last")
+    assert static["bwt"] == 0.0
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    assert main("cifar100", ["--data_dir", str(tmp_path), "--no-download", "--output_dir", str(tmp_path / "o"),
+                             "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "cifar-100-python") in err
+    assert main("cifar100", ["--num_classes", "7"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_files_are_written_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "results.json"
+    run_dir.write_json(target, {"a": 1})
+    with pytest.raises(ValueError):
+        run_dir.write_json(target, {"a": float("nan")})  # strict JSON refuses NaN before writing
+    assert json.loads(target.read_text()) == {"a": 1}
+    with pytest.raises(Exception):
+        run_dir.save_checkpoint(tmp_path / "ckpt.pt", {"bad": lambda: None})  # cannot be pickled
+    assert not (tmp_path / "ckpt.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left behind
