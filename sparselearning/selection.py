@@ -34,3 +34,27 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     if candidates.numel() < k:
         return torch.topk(scores, k, sorted=False).indices
     return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
+
+
+def random_free_indices(taken: torch.Tensor, k: int, free: int, generator: torch.Generator) -> torch.Tensor:
+    """`k` distinct flat indices drawn uniformly at random among the False entries of the 1-D
+    bool tensor `taken`, of which there are `free`.
+
+    Draws positions with replacement, drops the taken ones, and keeps the first k distinct in
+    draw order: a uniformly random k-subset at O(k log k) cost instead of one random number per
+    entry. Falls back to exact top-k of random scores when too few distinct ones were drawn.
+    """
+    n = taken.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=taken.device)
+    draws = math.ceil((1.1 * k + 64) * n / free)
+    if draws < n // 4:
+        positions = torch.randint(n, (draws,), generator=generator, device=taken.device)
+        positions = positions[~taken.index_select(0, positions)]
+        distinct, inverse = torch.unique(positions, return_inverse=True)
+        if distinct.numel() >= k:
+            order = torch.arange(positions.numel(), device=taken.device)
+            first = torch.full_like(distinct, positions.numel()).scatter_reduce_(0, inverse, order, "amin")
+            return distinct[torch.argsort(first)[:k]]
+    scores = torch.rand(n, generator=generator, device=taken.device).masked_fill_(taken, -1.0)
+    return top_indices(scores, k)

@@ -834,3 +834,21 @@ def test_mask_is_independent_of_weights_drawn_with_the_same_seed():
     chosen = before[mask.masks["0.weight"]]
     # 12,000 independent picks: the fraction of positive weights is 0.5 +- 0.005 (1 sd)
     assert abs((chosen > 0).float().mean().item() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("growth", GROWTHS)
+def test_incremental_bookkeeping_matches_a_full_recompute(growth):
+    """update_topology updates the derived tensors only where the mask changed; after many
+    updates they must equal what a full recompute from mask, frozen and stored gives."""
+    model, masks1, _ = run_task1("adam", growth="random")
+    opt = make_opt("adam", model.parameters())
+    mask = Masking(opt, density=0.3, growth=growth, update_frequency=2, total_steps=40,
+                   frozen=clone_masks(masks1), seed=3)
+    mask.add_module(model)
+    train(model, opt, mask, make_batches(30, 5))
+    for name, m in mask.masks.items():
+        frozen, stored = mask.frozen[name], mask._stored[name]
+        assert torch.equal(mask.trainable[name], m & ~frozen), name
+        assert torch.equal(mask._fixed[name], torch.where(m & frozen, stored, 0.0)), name
+        assert torch.equal(torch.sort(mask._active[name]).values, m.flatten().nonzero().squeeze(1)), name
+        assert torch.equal(mask.fired[name] & m, m), name
