@@ -138,6 +138,7 @@ class Masking:
         self._stored: dict[str, torch.Tensor] = {}  # earlier tasks' values where frozen, else 0
         self._fixed: dict[str, torch.Tensor] = {}  # what non-trainable entries must hold
         self._active: dict[str, torch.Tensor] = {}  # flat indices of each mask's entries
+        self._fired_count: dict[str, int] = {}  # entries of `fired`, counted on the host (unfired growth)
         self._momentum: dict[str, list[torch.Tensor]] = {}  # dense gradient averages (growth)
         self._dense_grad: dict[str, torch.Tensor] = {}  # |grad| captured for gradient growth
         self.generator: torch.Generator | None = None
@@ -211,6 +212,7 @@ class Masking:
         self.trainable[name] = mask & ~frozen
         self._fixed[name] = torch.where(mask & frozen, self._stored[name], 0.0)
         self._active[name] = mask.view(-1).nonzero_static(size=self.counts[name]).squeeze(1)
+        self._fired_count[name] = int(self.fired[name].sum())
         self._enforce(name)
 
     def _enforce(self, name: str) -> None:
@@ -307,6 +309,11 @@ class Masking:
         if self.growth == "random":  # uniform among the inactive: sampled, no score per weight
             free = mask.numel() - self.counts[name] + k
             return random_free_indices(mask, k, free, self.generator)
+        if self.growth == "unfired":
+            unfired = mask.numel() - self._fired_count[name]
+            self._fired_count[name] += min(k, unfired)  # every unfired weight goes first
+            if unfired >= k:  # the never-fired weights are all inactive: sample among them
+                return random_free_indices(self.fired[name].view(-1), k, unfired, self.generator)
         return top_indices(self.growth_scores(name).view(-1).masked_fill(mask, float("-inf")), k)
 
     def growth_scores(self, name: str) -> torch.Tensor:

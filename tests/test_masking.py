@@ -852,3 +852,5 @@ def test_incremental_bookkeeping_matches_a_full_recompute(growth):
         assert torch.equal(mask._fixed[name], torch.where(m & frozen, stored, 0.0)), name
         assert torch.equal(torch.sort(mask._active[name]).values, m.flatten().nonzero().squeeze(1)), name
         assert torch.equal(mask.fired[name] & m, m), name
+        if growth == "unfired":
+            assert mask._fired_count[name] == int(mask.fired[name].sum()), name
