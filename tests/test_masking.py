@@ -73,6 +73,10 @@ def make_opt(kind: str, params):
         return torch.optim.Adam(params, lr=1e-2)
     if kind == "sgd0":
         return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    if kind == "adam_fused":  # the training loop's optimizer
+        return torch.optim.Adam(params, lr=1e-2, fused=True)
+    if kind == "adam_fused_wd":
+        return torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3, fused=True)
     raise ValueError(kind)
 
 
@@ -568,7 +572,7 @@ def test_unfired_growth_prefers_never_fired():
 # --------------------------------------------------------------------------- isolation (frozen)
 
 
-@pytest.mark.parametrize("opt_kind", ["sgd", "adam", "sgd0", "adam0"])
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam", "sgd0", "adam0", "adam_fused", "adam_fused_wd"])
 @pytest.mark.parametrize("growth", GROWTHS)
 def test_frozen_weights_bit_identical(opt_kind, growth):
     model, masks1, w1 = run_task1(opt_kind)
