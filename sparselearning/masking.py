@@ -43,9 +43,9 @@ GROWTH_MODES = ("random", "unfired", "momentum", "gradient")
 DEATH_MODES = ("magnitude",)
 NEW_WEIGHTS = ("zero", "init")
 MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-# Optimizers for which a zero gradient on an entry with zero state and no weight decay
-# provably leaves that entry's weight and state exactly unchanged.
-_ZERO_GRAD_EXACT = (torch.optim.SGD, torch.optim.Adam)
+# Optimizers whose update of an entry with zero gradient and zero state is exactly zero, except
+# for weight decay, which moves only nonzero weights (the frozen ones in the mask).
+_ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def stream_seed(seed: int) -> int:
@@ -142,7 +142,9 @@ class Masking:
         self._momentum: dict[str, list[torch.Tensor]] = {}  # dense gradient averages (growth)
         self._dense_grad: dict[str, torch.Tensor] = {}  # |grad| captured for gradient growth
         self.generator: torch.Generator | None = None
-        self._restore_after_step = True
+        self._masks_gradients = False  # else: restore every non-trainable weight after the step
+        self._decays_weights = False
+        self._reused: dict[str, torch.Tensor] = {}  # flat indices of mask & frozen
 
     # ------------------------------------------------------------------ set-up
 
@@ -184,9 +186,8 @@ class Masking:
         if missing:
             raise ValueError(f"maskable weights missing from the optimizer: {missing}")
         groups = self.optimizer.param_groups
-        self._restore_after_step = not (
-            type(self.optimizer) in _ZERO_GRAD_EXACT and all(g.get("weight_decay", 0) == 0 for g in groups)
-        )
+        self._masks_gradients = type(self.optimizer) in _ELEMENTWISE_OPTIMIZERS
+        self._decays_weights = any(g.get("weight_decay", 0) != 0 for g in groups)
         if self.growth == "momentum":
             kinds = {(tuple(g["betas"]) if "betas" in g else g.get("momentum", 0)) for g in groups}
             if len(kinds) != 1 or kinds == {0}:
@@ -213,6 +214,7 @@ class Masking:
         self._fixed[name] = torch.where(mask & frozen, self._stored[name], 0.0)
         self._active[name] = mask.view(-1).nonzero_static(size=self.counts[name]).squeeze(1)
         self._fired_count[name] = int(self.fired[name].sum())
+        self._reused[name] = (mask & frozen).view(-1).nonzero().squeeze(1)
         self._enforce(name)
 
     def _enforce(self, name: str) -> None:
@@ -222,6 +224,13 @@ class Masking:
             torch.where(trainable, p, self._fixed[name], out=p)
         for value in self._weight_states(p):
             value.mul_(trainable.view(torch.uint8))  # uint8 multiplies twice as fast as bool
+
+    def _restore_reused(self, name: str) -> None:
+        """Put back the stored values of the frozen weights in the mask, with zero state."""
+        p, reused = self.params[name].detach().view(-1), self._reused[name]
+        p.index_copy_(0, reused, self._stored[name].view(-1).index_select(0, reused))
+        for value in self._weight_states(self.params[name]):
+            value.view(-1).index_fill_(0, reused, 0.0)
 
     def _weight_states(self, p: torch.Tensor) -> list[torch.Tensor]:
         """The optimizer's per-weight state tensors of `p` (momentum, Adam moments)."""
@@ -247,16 +256,17 @@ class Masking:
         trainable.index_copy_(0, grown, ~grown_frozen)
         fixed.index_copy_(0, grown, values)
         p.index_copy_(0, grown, values)
+        self._reused[name] = (self.masks[name] & self.frozen[name]).view(-1).nonzero().squeeze(1)
 
     # ------------------------------------------------------------------ training
 
     def step(self) -> None:
         """One optimizer step restricted to the trainable weights; topology update when due.
 
-        For SGD and Adam without weight decay, zeroing the gradients of non-trainable
-        entries is exact: their state stays zero and their update is exactly zero. Any
-        other optimizer (or weight decay) additionally gets the non-trainable weights
-        restored and their state zeroed after the step.
+        SGD, Adam and AdamW get the gradients of non-trainable entries zeroed: their state
+        stays zero and their update is exactly zero, except that weight decay moves the
+        frozen weights in the mask, which are then restored (with zero state). With any other
+        optimizer every non-trainable weight is restored and its state zeroed after the step.
         """
         due = self.update_frequency > 0 and (self.steps + 1) % self.update_frequency == 0
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
@@ -264,13 +274,16 @@ class Masking:
             self._track_momentum(grads)
         if due and self.growth == "gradient":
             self._dense_grad = {n: g.abs() for n, g in grads.items()}
-        if not self._restore_after_step:
+        if self._masks_gradients:
             for name, grad in grads.items():
                 grad.mul_(self.trainable[name].view(torch.uint8))  # uint8 multiplies twice as fast as bool
         self.optimizer.step()
-        if self._restore_after_step:
+        if not self._masks_gradients:
             for name in self.params:
                 self._enforce(name)
+        elif self._decays_weights:
+            for name in self.params:
+                self._restore_reused(name)
         self.steps += 1
         if due:
             self.update_topology()

@@ -77,6 +77,10 @@ def make_opt(kind: str, params):
         return torch.optim.Adam(params, lr=1e-2, fused=True)
     if kind == "adam_fused_wd":
         return torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3, fused=True)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
+    if kind == "rmsprop":  # not elementwise-exact: exercises the full restore after each step
+        return torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, weight_decay=1e-3)
     raise ValueError(kind)
 
 
@@ -572,7 +576,7 @@ def test_unfired_growth_prefers_never_fired():
 # --------------------------------------------------------------------------- isolation (frozen)
 
 
-@pytest.mark.parametrize("opt_kind", ["sgd", "adam", "sgd0", "adam0", "adam_fused", "adam_fused_wd"])
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam", "sgd0", "adam0", "adam_fused", "adam_fused_wd", "adamw", "rmsprop"])
 @pytest.mark.parametrize("growth", GROWTHS)
 def test_frozen_weights_bit_identical(opt_kind, growth):
     model, masks1, w1 = run_task1(opt_kind)
@@ -858,3 +862,4 @@ def test_incremental_bookkeeping_matches_a_full_recompute(growth):
         assert torch.equal(mask.fired[name] & m, m), name
         if growth == "unfired":
             assert mask._fired_count[name] == int(mask.fired[name].sum()), name
+        assert torch.equal(mask._reused[name], (m & frozen).flatten().nonzero().squeeze(1)), name
