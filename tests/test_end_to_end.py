@@ -123,7 +123,7 @@ def test_cifar100_end_to_end(cifar_dir, tmp_path):
 def test_miniimagenet_end_to_end(mini_dir, tmp_path):
     out = tmp_path / "run"
     results = run("miniImageNet", mini_dir, out, "--num_tasks", "2", "--num_classes", "10",
-                  "--num_classes_per_task", "5", "--epochs", "3", "--batch_size", "16", "--test_per_class", "10",
+                  "--num_classes_per_task", "5", "--epochs", "5", "--batch_size", "16", "--test_per_class", "10",
                   "--density", "0.3", "--sparse_init", "uniform", "--growth", "momentum", "--update_frequency", "20")
     check_isolated_run(results, out, tasks=2, classes_per_task=5, density=0.3)
     assert (mini_dir / "miniImageNet_32px.npz").is_file()
