@@ -296,7 +296,7 @@ class Masking:
         """One prune-and-grow cycle on every sparse layer, now.
 
         Per layer, k = ceil(rate * active): the k active weights with the smallest |w|
-        leave the mask and exactly k inactive ones enter it, chosen by `growth_scores`.
+        leave the mask and exactly k inactive ones enter it, chosen by the growth mode.
         Dense layers (ERK can make small layers dense) have nothing to exchange.
         """
         rate = self.death_rate_at(self.steps)
@@ -332,9 +332,11 @@ class Masking:
     def growth_scores(self, name: str) -> torch.Tensor:
         """Scores for growing weights into layer `name`; the largest inactive ones grow.
 
-        - random: uniform noise;
+        - random: uniform noise (an update samples the inactive weights directly instead:
+          the same distribution without a score per weight);
         - unfired: uniform noise, minus 2 on weights that have been in this task's mask (so
-          the never-fired ones all come first);
+          the never-fired ones all come first; while there are k of them, an update samples
+          among them directly);
         - momentum: |m / (sqrt(v) + 1e-8)| of dense running gradient averages with the
           optimizer's betas (Adam), or |momentum buffer| of the dense gradient (SGD);
         - gradient: |dense gradient| of the current batch.
@@ -425,12 +427,13 @@ class Masking:
         if state["counts"] != self.counts:
             raise ValueError("this state belongs to a Masking with another allocation")
         self.steps = state["steps"]
-        for name, p in self.params.items():
-            self.masks[name] = state["masks"][name].to(p.device)
-            self.fired[name] = state["fired"][name].to(p.device)
-            self.frozen[name] = state["frozen"][name].to(p.device)
-            self._stored[name] = state["stored"][name].to(p.device)
-        self._momentum = {n: [t.to(self.params[n].device) for t in ts] for n, ts in state["momentum"].items()}
+        for name, p in self.params.items():  # copies: later updates must not write into `state`
+            self.masks[name] = state["masks"][name].to(p.device, copy=True)
+            self.fired[name] = state["fired"][name].to(p.device, copy=True)
+            self.frozen[name] = state["frozen"][name].to(p.device, copy=True)
+            self._stored[name] = state["stored"][name].to(p.device, copy=True)
+        self._momentum = {n: [t.to(self.params[n].device, copy=True) for t in ts]
+                          for n, ts in state["momentum"].items()}
         self.generator.set_state(state["generator"])
         for name in self.params:
             self._refresh(name)
