@@ -224,6 +224,8 @@ def test_booleans_turn_off_and_on_again() -> None:
         (["--seed", "-1"], "cifar100", "--seed must be >= 0"),
         (["--momentum", "1"], "cifar100", "--momentum must be in [0, 1)"),
         (["--device", "gpu7"], "cifar100", "not a torch device"),
+        (["--optimizer", "sgd", "--momentum", "0", "--growth", "momentum"], "cifar100",
+         "it needs --momentum > 0"),
     ],
 )
 def test_semantic_errors_are_one_line_user_errors(

@@ -319,6 +319,10 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(args.max_batches is None or args.max_batches >= 1,
              f"--max_batches must be >= 1, got {args.max_batches}")
     _require(
+        not (args.growth == "momentum" and args.optimizer == "sgd" and args.momentum == 0),
+        "--growth momentum ranks weights by SGD's momentum: it needs --momentum > 0",
+    )
+    _require(
         args.sparse or not args.isolate,
         "--isolate needs --sparse: the dense baseline has no masks to isolate",
     )
