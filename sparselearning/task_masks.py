@@ -37,6 +37,7 @@ class TaskMasks:
         return len(self._tasks)
 
     def __getitem__(self, task: int) -> Masks:
+        """Task `task`'s mask: the stored tensors themselves, to be read, not modified."""
         return self._tasks[task]
 
     def frozen_before(self, task: int) -> Masks | None:
