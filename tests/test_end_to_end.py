@@ -211,3 +211,21 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
         run_dir.save_checkpoint(tmp_path / "ckpt.pt", {"bad": lambda: None})  # cannot be pickled
     assert not (tmp_path / "ckpt.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left behind
+
+
+def test_report_collects_a_sweep(cifar_dir, tmp_path, capsys):
+    from utils import report
+
+    sweep = tmp_path / "sweep"
+    for growth in ("random", "gradient"):
+        run("cifar100", cifar_dir, sweep / growth, *SMALL[:-2], "--growth", growth, "--epochs", "1")
+    (sweep / "cut").mkdir()
+    run_dir.save_checkpoint(sweep / "cut" / CHECKPOINT, {"tasks_done": 1})  # started, not finished
+    capsys.readouterr()
+    assert report.main([str(sweep), "--csv", str(tmp_path / "sweep.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "unfinished: " + str(sweep / "cut") in printed
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("dataset,num_tasks")
+    assert {row.split(",")[5] for row in rows[1:]} == {"random", "gradient"}
+    assert report.main([str(tmp_path / "empty_missing")]) == 2
