@@ -27,11 +27,15 @@ METRICS = ("acc", "bwt", "fwt", "forgetting")
 
 def collect(root: Path) -> tuple[list[dict[str, Any]], list[Path]]:
     """Rows (settings, metrics, mean training seconds per task, run folder) sorted by settings,
-    and the folders of runs that started but have no results yet."""
+    and the folders of runs that started but have no results yet. Files named results.json
+    that are not a run's results are skipped."""
     rows = []
     for path in sorted(root.rglob(RESULTS_FILE)):
-        results = json.loads(path.read_text())
-        row = {key: results["config"][key] for key in SETTINGS}
+        try:
+            results = json.loads(path.read_text())
+            row = {key: results["config"][key] for key in SETTINGS}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
         row.update({key: results[key] for key in METRICS})
         seconds = [task["train_seconds"] for task in results["per_task"]]
         row["task_seconds"] = sum(seconds) / len(seconds)
