@@ -227,6 +227,14 @@ def evaluate_row(
 # ---------------------------------------------------------------------------- the run
 
 
+def capacity_summary(record: dict[str, Any]) -> str:
+    """How much of the backbone a sparse task used, for the log."""
+    if "density" not in record:
+        return ""
+    return (f"; weights: {100 * record['density']:.1f} % in its mask, {100 * record['capacity_reused']:.1f} % "
+            f"reused from earlier tasks, {100 * record['capacity_free']:.1f} % still free")
+
+
 def build_tasks(config: Config) -> list[Task]:
     train, test = load_dataset(config.dataset, config.data_dir, download=config.download,
                                image_size=config.image_size, test_per_class=config.test_per_class, seed=config.seed)
@@ -297,9 +305,9 @@ def _run(config: Config, resumed: dict[str, Any] | None) -> dict[str, Any]:
         acc[t] = evaluate_row(model, task_masks, tasks, test_loaders, t, config)
         record["test_acc"] = float(acc[t, t])
         records.append(record)
-        log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s",
+        log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s",
                  t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],
-                 record["kept_epoch"], acc[t, t], record["train_seconds"])
+                 record["kept_epoch"], acc[t, t], record["train_seconds"], capacity_summary(record))
         run_dir.save_checkpoint(out / run_dir.CHECKPOINT_FILE, {
             "config": config.to_dict(), "model": model.state_dict(), "task_masks": task_masks.state_dict(),
             "acc_matrix": acc.tolist(), "per_task": records, "tasks_done": t + 1,
