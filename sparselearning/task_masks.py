@@ -109,8 +109,12 @@ class TaskMasks:
         """Write the bit-packed masks to `path` atomically (whole file or none)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> TaskMasks:
