@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import build_model  # noqa: E402
 from sparselearning import GROWTH_MODES, Masking, TaskMasks  # noqa: E402
+from utils.run_dir import device_name  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -44,16 +44,9 @@ def sync(device: torch.device) -> None:
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        return f"{device_name(device)}, torch {torch.__version__}"
+    return (f"{device_name(device)}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def make_masking(model, optimizer, *, growth="random", frozen=None, update_frequency=0, seed=0) -> Masking:
