@@ -63,6 +63,13 @@ class TensorLoader:
         self._shift = -mean_t / std_t
         self._generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The random state from which the next epoch's shuffle and augmentation are drawn."""
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._generator.set_state(state["generator"])
+
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 

@@ -414,6 +414,8 @@ class Masking:
             "steps": self.steps,
             "counts": dict(self.counts),
             "masks": {n: t.clone() for n, t in self.masks.items()},
+            # the order of the active indices decides which of equal magnitudes are pruned
+            "active": {n: t.clone() for n, t in self._active.items()},
             "fired": {n: t.clone() for n, t in self.fired.items()},
             "frozen": {n: t.clone() for n, t in self.frozen.items()},
             "stored": {n: t.clone() for n, t in self._stored.items()},
@@ -435,8 +437,9 @@ class Masking:
         self._momentum = {n: [t.to(self.params[n].device, copy=True) for t in ts]
                           for n, ts in state["momentum"].items()}
         self.generator.set_state(state["generator"])
-        for name in self.params:
+        for name, p in self.params.items():
             self._refresh(name)
+            self._active[name] = state["active"][name].to(p.device, copy=True)
 
 
 def _fractions(counts: dict[str, int]) -> dict[str, float]:

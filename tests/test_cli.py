@@ -44,6 +44,7 @@ DEFAULTS: dict[str, object] = {
     "eval": "task",
     "download": True,
     "resume": False,
+    "checkpoint_every": 10,
     "max_batches": None,
 }
 
@@ -226,6 +227,7 @@ def test_booleans_turn_off_and_on_again() -> None:
         (["--device", "gpu7"], "cifar100", "not a torch device"),
         (["--optimizer", "sgd", "--momentum", "0", "--growth", "momentum"], "cifar100",
          "it needs --momentum > 0"),
+        (["--checkpoint_every", "-1"], "cifar100", "--checkpoint_every must be >= 0"),
     ],
 )
 def test_semantic_errors_are_one_line_user_errors(

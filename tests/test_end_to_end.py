@@ -229,3 +229,36 @@ def test_report_collects_a_sweep(cifar_dir, tmp_path, capsys):
     assert len(rows) == 3 and rows[0].startswith("dataset,num_tasks")
     assert {row.split(",")[5] for row in rows[1:]} == {"random", "gradient"}
     assert report.main([str(tmp_path / "empty_missing")]) == 2
+
+
+@pytest.mark.parametrize("interrupt_at", [2, 5], ids=["in_first_task", "in_second_task"])
+def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, tmp_path, monkeypatch, interrupt_at):
+    flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
+             "--max_batches", "3", "--update_frequency", "2", "--growth", "momentum", "--checkpoint_every", "1"]
+    reference = run("cifar100", cifar_dir, tmp_path / "ref", *flags)
+    assert not (tmp_path / "ref" / run_dir.PROGRESS_FILE).exists()  # removed once a task is finished
+
+    epochs_started = []
+    real_train_epoch = train.train_epoch
+
+    def interrupted(*args, **kwargs):
+        epochs_started.append(1)
+        if len(epochs_started) == interrupt_at:  # 3 epochs per task: 2 = task 1 epoch 2, 5 = task 2 epoch 2
+            raise KeyboardInterrupt
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("cifar100", cifar_dir, tmp_path / "cut", *flags)
+    progress = run_dir.load_checkpoint(tmp_path / "cut" / run_dir.PROGRESS_FILE)
+    assert (progress["task"], progress["epochs_done"]) == ((interrupt_at - 1) // 3, 1)
+    monkeypatch.setattr(train, "train_epoch", real_train_epoch)
+
+    resumed = run("cifar100", cifar_dir, tmp_path / "cut", *flags, "--resume")
+    assert resumed["acc_matrix"] == reference["acc_matrix"]
+    assert [r["kept_epoch"] for r in resumed["per_task"]] == [r["kept_epoch"] for r in reference["per_task"]]
+    wr, wc = final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut")
+    assert all(torch.equal(wr[name], wc[name]) for name in wr)
+    mr, mc = (TaskMasks.from_state_dict(run_dir.load_checkpoint(tmp_path / d / CHECKPOINT)["task_masks"])
+              for d in ("ref", "cut"))
+    assert all(torch.equal(mr[t][n], mc[t][n]) for t in range(2) for n in mr[t])

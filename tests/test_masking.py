@@ -863,3 +863,30 @@ def test_incremental_bookkeeping_matches_a_full_recompute(growth):
         if growth == "unfired":
             assert mask._fired_count[name] == int(mask.fired[name].sum()), name
         assert torch.equal(mask._reused[name], (m & frozen).flatten().nonzero().squeeze(1)), name
+
+
+def test_state_dict_roundtrip_breaks_magnitude_ties_the_same_way():
+    """Which of equal magnitudes are pruned depends on the order of the active indices, which
+    updates scramble: a restored Masking must reproduce it, not re-derive a sorted order."""
+    model = build()
+    opt = make_opt("adam0", model.parameters())
+    kw = dict(density=0.3, growth="random", update_frequency=2, total_steps=100, seed=0)
+    mask = Masking(opt, **kw)
+    mask.add_module(model)
+    train(model, opt, mask, make_batches(6, 3))  # three updates: the active order is no longer sorted
+    with torch.no_grad():
+        for name, p in mask.params.items():
+            p.copy_(mask.masks[name].float())  # every active weight has magnitude 1: all tied
+    snap = copy.deepcopy((model.state_dict(), opt.state_dict(), mask.state_dict()))
+    mask.update_topology()
+
+    model2 = build(seed=5)
+    opt2 = make_opt("adam0", model2.parameters())
+    mask2 = Masking(opt2, **kw)
+    mask2.add_module(model2)
+    model2.load_state_dict(snap[0])
+    opt2.load_state_dict(snap[1])
+    mask2.load_state_dict(snap[2])
+    mask2.update_topology()
+    for name in mask.masks:
+        assert torch.equal(mask2.masks[name], mask.masks[name]), name

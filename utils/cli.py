@@ -88,6 +88,7 @@ class Config:
     eval: str
     download: bool
     resume: bool
+    checkpoint_every: int
     max_batches: int | None
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,7 +251,10 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
                      help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, "
                      f"else cpu; here {_default_device()})")
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                     help="continue the run in --output_dir from its last finished task")
+                     help="continue the run in --output_dir from its last checkpoint")
+    run.add_argument("--checkpoint_every", type=int, default=10,
+                     help="also save the task in progress every N epochs, so --resume loses at "
+                     "most N epochs (0: save only after each task)")
     run.add_argument("--max_batches", type=int, default=None,
                      help="cap on batches per epoch, for debugging and smoke runs "
                      "(default: None = no cap)")
@@ -316,6 +320,7 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
              f"--update_frequency must be >= 0 (0 = static sparse), got {args.update_frequency}")
     _require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
+    _require(args.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     _require(args.max_batches is None or args.max_batches >= 1,
              f"--max_batches must be >= 1, got {args.max_batches}")
     _require(
@@ -379,5 +384,6 @@ def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
         eval=args.eval,
         download=args.download,
         resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
         max_batches=args.max_batches,
     )

@@ -21,7 +21,8 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.txt"
 LOG_FILE = "train.log"
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # the run after its last finished task
+PROGRESS_FILE = "task_in_progress.pt"  # the task being trained, every --checkpoint_every epochs
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

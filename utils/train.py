@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,12 +116,20 @@ def batches_per_epoch(loader: TensorLoader, config: Config) -> int:
 
 
 def train_task(
-    model: nn.Module, task: Task, frozen: dict[str, torch.Tensor] | None, config: Config, device: torch.device
+    model: nn.Module,
+    task: Task,
+    frozen: dict[str, torch.Tensor] | None,
+    config: Config,
+    device: torch.device,
+    in_progress: dict[str, Any] | None = None,
+    save_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """Train `model` on one task; return the task's final mask (None when dense) and a record.
 
     Fresh optimizer and MultiStepLR (x0.1 at 50 % and 75 % of the epochs). The task keeps the
     weights and mask of its best-training-accuracy epoch (`--keep best_train`) or its last.
+    Every `--checkpoint_every` epochs the whole state of the task goes to `save_progress`;
+    `in_progress` (such a state) continues the task from there, exactly.
     """
     stats = DATASET_STATS[config.dataset]
     loader = TensorLoader(task.train, batch_size=config.batch_size, train=True, mean=stats[0], std=stats[1],
@@ -138,9 +147,21 @@ def train_task(
         )
         masking.add_module(model)
 
-    start = time.perf_counter()
+    first_epoch, earlier_seconds = 0, 0.0
     best_acc, best_epoch, kept = -math.inf, -1, None
-    progress = tqdm(range(config.epochs), desc=f"task {task.index + 1}", unit="epoch", leave=False)
+    if in_progress is not None:  # the objects above are fresh: now load their saved states
+        model.load_state_dict(in_progress["model"])
+        optimizer.load_state_dict(in_progress["optimizer"])
+        scheduler.load_state_dict(in_progress["scheduler"])
+        if masking is not None:
+            masking.load_state_dict(in_progress["masking"])
+        loader.load_state_dict(in_progress["loader"])
+        first_epoch, earlier_seconds = in_progress["epochs_done"], in_progress["seconds"]
+        best_acc, best_epoch, kept = in_progress["best_acc"], in_progress["best_epoch"], in_progress["kept"]
+
+    start = time.perf_counter()
+    progress = tqdm(range(first_epoch, config.epochs), desc=f"task {task.index + 1}", unit="epoch",
+                    initial=first_epoch, total=config.epochs, leave=False)
     for epoch in progress:
         loss, acc = train_epoch(model, loader, optimizer, masking, task, config)
         scheduler.step()
@@ -152,9 +173,17 @@ def train_task(
                 kept = snapshot(model, masking)
             else:
                 kept = None  # the current state is the one to keep
+        if save_progress is not None and config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 \
+                and epoch + 1 < config.epochs:
+            save_progress({
+                "task": task.index, "epochs_done": epoch + 1, "seconds": earlier_seconds + time.perf_counter() - start,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "masking": masking.state_dict() if masking is not None else None, "loader": loader.state_dict(),
+                "best_acc": best_acc, "best_epoch": best_epoch, "kept": kept,
+            })
     if kept is not None:
         restore(model, masking, kept)
-    seconds = time.perf_counter() - start
+    seconds = earlier_seconds + time.perf_counter() - start
 
     record: dict[str, Any] = {
         "task": task.index,
@@ -245,39 +274,40 @@ def build_tasks(config: Config) -> list[Task]:
     return [Task(t, slice(t * k, (t + 1) * k), train_tasks[t], test_tasks[t]) for t in range(config.num_tasks)]
 
 
-def prepare_output_dir(config: Config) -> dict[str, Any] | None:
-    """Create the run directory; return the checkpoint to resume from, if resuming."""
+def prepare_output_dir(config: Config) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Create the run directory; when resuming, return its checkpoints: the run after its last
+    finished task and the task in progress (each None when absent)."""
     out = config.output_dir
-    checkpoint = out / run_dir.CHECKPOINT_FILE
-    if checkpoint.exists() and not config.resume:
+    paths = (out / run_dir.CHECKPOINT_FILE, out / run_dir.PROGRESS_FILE)
+    if any(path.exists() for path in paths) and not config.resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --output_dir for a new one")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create output directory {out}: {error.strerror}") from None
-    if not (config.resume and checkpoint.exists()):
-        return None
-    saved = run_dir.load_checkpoint(checkpoint)
+    saved, in_progress = (run_dir.load_checkpoint(path) if path.exists() else None for path in paths)
     now = config.to_dict()
-    changed = [k for k, v in saved["config"].items() if k not in RESUME_MAY_DIFFER and now.get(k) != v]
-    if changed:
-        raise UserError(f"--resume: {out} was run with other settings ({', '.join(changed)}); use a new --output_dir")
-    return saved
+    for state in (saved, in_progress):
+        changed = [k for k, v in (state or {}).get("config", {}).items()
+                   if k not in RESUME_MAY_DIFFER and now.get(k) != v]
+        if changed:
+            raise UserError(f"--resume: {out} was run with other settings ({', '.join(changed)}); "
+                            "use a new --output_dir")
+    return saved, in_progress
 
 
 def run(config: Config) -> dict[str, Any]:
     """The whole experiment; writes config.json, train.log, checkpoint.pt, results.json, report.txt."""
-    resumed = prepare_output_dir(config)
-    out = config.output_dir
-    handler = run_dir.attach_log_file(out)
+    saved, in_progress = prepare_output_dir(config)
+    handler = run_dir.attach_log_file(config.output_dir)
     try:
-        return _run(config, resumed)
+        return _run(config, saved, in_progress)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
-def _run(config: Config, resumed: dict[str, Any] | None) -> dict[str, Any]:
+def _run(config: Config, resumed: dict[str, Any] | None, in_progress: dict[str, Any] | None) -> dict[str, Any]:
     out, device = config.output_dir, torch.device(config.device)
     run_dir.write_json(out / run_dir.CONFIG_FILE, config.to_dict())
     torch.manual_seed(config.seed)
@@ -295,11 +325,19 @@ def _run(config: Config, resumed: dict[str, Any] | None) -> dict[str, Any]:
         acc = np.array(resumed["acc_matrix"], dtype=float)
         records, first = resumed["per_task"], resumed["tasks_done"]
         log.info("resuming %s after task %d of %d", out, first, config.num_tasks)
+    if in_progress is not None and in_progress["task"] != first:
+        in_progress = None  # left over from a task that finished after it was saved
+    if in_progress is not None:
+        log.info("resuming task %d after epoch %d", first + 1, in_progress["epochs_done"])
+
+    def save_progress(state: dict[str, Any]) -> None:
+        run_dir.save_checkpoint(out / run_dir.PROGRESS_FILE, {"config": config.to_dict(), **state})
 
     for t in range(first, config.num_tasks):
         task = tasks[t]
         frozen = task_masks.frozen_before(t) if config.isolate else None
-        mask, record = train_task(model, task, frozen, config, device)
+        mask, record = train_task(model, task, frozen, config, device, in_progress, save_progress)
+        in_progress = None
         if mask is not None:
             task_masks.add(mask)
         acc[t] = evaluate_row(model, task_masks, tasks, test_loaders, t, config)
@@ -312,6 +350,7 @@ def _run(config: Config, resumed: dict[str, Any] | None) -> dict[str, Any]:
             "config": config.to_dict(), "model": model.state_dict(), "task_masks": task_masks.state_dict(),
             "acc_matrix": acc.tolist(), "per_task": records, "tasks_done": t + 1,
         })
+        (out / run_dir.PROGRESS_FILE).unlink(missing_ok=True)
 
     results = {
         "config": config.to_dict(),
