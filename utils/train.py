@@ -173,8 +173,7 @@ def train_task(
                 kept = snapshot(model, masking)
             else:
                 kept = None  # the current state is the one to keep
-        if save_progress is not None and config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 \
-                and epoch + 1 < config.epochs:
+        if save_progress is not None and checkpoint_due(epoch + 1, config):
             save_progress({
                 "task": task.index, "epochs_done": epoch + 1, "seconds": earlier_seconds + time.perf_counter() - start,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -198,6 +197,13 @@ def train_task(
     record.update(density=capacity["task"], capacity_used=capacity["used"],
                   capacity_reused=capacity["reused"], capacity_free=capacity["free"])
     return masking.consolidate(), record
+
+
+def checkpoint_due(epochs_done: int, config: Config) -> bool:
+    """Save the task in progress now? Every --checkpoint_every epochs, except after the last
+    (the task's end writes the run's checkpoint)."""
+    every = config.checkpoint_every
+    return every > 0 and epochs_done % every == 0 and epochs_done < config.epochs
 
 
 def snapshot(model: nn.Module, masking: Masking | None) -> dict[str, Any]:
