@@ -29,12 +29,12 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from sparselearning.density import SPARSE_INITS, allocate_counts
 from sparselearning.schedule import FINAL_DEATH_RATE, cosine_death_rate
+from sparselearning.seeding import derive_seed
 from sparselearning.selection import random_free_indices, top_indices
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,7 @@ MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Optimizers whose update of an entry with zero gradient and zero state is exactly zero, except
 # for weight decay, which moves only nonzero weights (the frozen ones in the mask).
 _ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-
-
-def stream_seed(seed: int) -> int:
-    """The seed of Masking's own random stream, derived from `seed`.
-
-    Seeding a generator with `seed` itself would replay the stream that `torch.manual_seed(seed)`
-    gives the weight initialization: the "random" initial mask would then pick each layer's
-    most positive weights, and such a network barely trains. Mixing in a tag makes the streams
-    independent.
-    """
-    return int(np.random.SeedSequence([seed, 0x6D61736B]).generate_state(1, np.uint64)[0] >> 1)
+_MASK_STREAM = 0x6D61736B  # names Masking's random stream (see derive_seed)
 
 
 def maskable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -84,7 +74,7 @@ class Masking:
         new_weights: where never-used weights entering a later task's initial mask start:
             "zero" (the authors') or "init" (a fresh draw of the layer's default init).
         seed: seeds every random draw of this object (initial mask, random growth) through
-            `stream_seed`, so it may equal the seed of the weight initialization.
+            `derive_seed`, so it may equal the seed of the weight initialization.
     """
 
     def __init__(
@@ -158,7 +148,7 @@ class Masking:
         if unmasked:
             log.warning("parameters outside the masks are shared and trained by every task: %s", unmasked)
         device = next(iter(self.params.values())).device
-        self.generator = torch.Generator(device=device).manual_seed(stream_seed(self.seed))
+        self.generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, _MASK_STREAM))
         self.counts = allocate_counts({n: p.shape for n, p in self.params.items()}, self.density, self.sparse_init)
 
         frozen = self._frozen_arg or {}

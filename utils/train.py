@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data import DATASET_STATS, Split, TensorLoader, class_order, load_dataset, split_tasks
 from models import build_model
-from sparselearning import Masking, TaskMasks
+from sparselearning import Masking, TaskMasks, derive_seed
 from utils import run_dir
 from utils.cli import Config
 from utils.errors import UserError
@@ -44,16 +44,7 @@ class Task:
     test: Split
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """An independent seed for one random stream of the run (e.g. task t's loader).
-
-    Seeding every generator with `seed` itself would give them all the stream of the weight
-    initialization (`torch.manual_seed(seed)`); SeedSequence keeps the streams apart.
-    """
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
-LOADER_STREAM, MASK_STREAM = 1, 2
+LOADER_STREAM, MASK_STREAM = 1, 2  # per task: derive_seed(config.seed, stream, task)
 
 
 # ---------------------------------------------------------------------------- one task

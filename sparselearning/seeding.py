@@ -1,0 +1,14 @@
+"""Independent random streams derived from one seed."""
+
+import numpy as np
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A seed for the random stream named by `keys`, derived from `seed` (numpy SeedSequence).
+
+    Seeding every generator with `seed` itself would give them all the stream that
+    `torch.manual_seed(seed)` gives the weight initialization. For a mask that is fatal: its
+    "random" draw would pick each layer's most positive weights, and such a network barely
+    trains. Derived seeds keep the streams apart.
+    """
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> 1)
