@@ -31,7 +31,7 @@ from utils.metrics import format_report, summarize
 log = logging.getLogger(__name__)
 
 # Settings that may differ between a run and its resumption without changing its results.
-RESUME_MAY_DIFFER = ("resume", "device", "data_dir", "download")
+RESUME_MAY_DIFFER = ("resume", "device", "data_dir", "download", "checkpoint_every")
 
 
 @dataclass(frozen=True)
