@@ -204,3 +204,29 @@ def test_apply_restores_on_exception():
     sd = model.state_dict()
     for k, v in orig.items():
         assert torch.equal(sd[k], v), k
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 3, 3), (100, 513)])
+def test_bit_packing_is_numpys_layout_and_round_trips(shape):
+    import numpy as np
+
+    from sparselearning.task_masks import pack_bits, unpack_bits
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.3
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8)
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy().ravel()))  # the on-disk format
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+def test_the_store_holds_one_bit_per_weight_per_task_in_memory():
+    """20 tasks of ResNet-18 masks cost 20 x 1.4 MB of packed bits plus one bool union."""
+    shapes = resnet18_shapes()
+    g = torch.Generator().manual_seed(0)
+    tm = TaskMasks()
+    for _ in range(20):
+        tm.add({name: torch.rand(shape, generator=g) < 0.2 for name, shape in shapes.items()})
+    numel = sum(math.prod(shape) for shape in shapes.values())
+    packed_bytes = sum(bits.numel() for masks in tm._packed for bits in masks.values())
+    assert packed_bytes <= 20 * math.ceil(numel / 8) + 20 * len(shapes)
+    assert sum(u.numel() * u.element_size() for u in tm._union.values()) == numel
