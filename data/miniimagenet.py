@@ -206,7 +206,7 @@ def _decode_zip(
                 len(files), len(classes), zip_path,
             )
             images = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
-            for i, name in enumerate(tqdm(files, desc="decoding miniImageNet", unit="img")):
+            for i, name in enumerate(tqdm(files, desc="decoding miniImageNet", unit="img", leave=False)):
                 images[i] = _decode_one(zf, name, image_size)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise UserError(f"cannot read {zip_path}: {exc}; download it again") from exc
@@ -221,5 +221,5 @@ def _decode_one(zf: zipfile.ZipFile, name: str, image_size: int) -> np.ndarray:
             with Image.open(f) as img:
                 rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise OSError(f"image {name}: {exc}") from exc
+            raise OSError(f"image {name} cannot be decoded ({type(exc).__name__})") from exc
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)

@@ -54,6 +54,14 @@ def split_tasks(
     position = torch.full((size,), -1, dtype=torch.int64)
     position[order_t] = torch.arange(order_t.numel())
     new_labels = position.to(labels.device)[labels]
+    per_position = torch.bincount(new_labels[new_labels >= 0], minlength=needed)[:needed]
+    if bool((per_position == 0).any()):
+        present = int((torch.bincount(labels) > 0).sum()) if labels.numel() else 0
+        missing = order[int(torch.nonzero(per_position == 0)[0])]
+        raise UserError(
+            f"{num_tasks} tasks of {classes_per_task} classes need {needed} classes, the data set has "
+            f"images of {present} classes (none of class {missing})"
+        )
 
     tasks = []
     for t in range(num_tasks):

@@ -213,24 +213,6 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left behind
 
 
-def test_report_collects_a_sweep(cifar_dir, tmp_path, capsys):
-    from utils import report
-
-    sweep = tmp_path / "sweep"
-    for growth in ("random", "gradient"):
-        run("cifar100", cifar_dir, sweep / growth, *SMALL[:-2], "--growth", growth, "--epochs", "1")
-    (sweep / "cut").mkdir()
-    run_dir.save_checkpoint(sweep / "cut" / CHECKPOINT, {"tasks_done": 1})  # started, not finished
-    capsys.readouterr()
-    assert report.main([str(sweep), "--csv", str(tmp_path / "sweep.csv")]) == 0
-    printed = capsys.readouterr().out
-    assert "unfinished: " + str(sweep / "cut") in printed
-    rows = (tmp_path / "sweep.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("dataset,num_tasks")
-    assert {row.split(",")[5] for row in rows[1:]} == {"random", "gradient"}
-    assert report.main([str(tmp_path / "empty_missing")]) == 2
-
-
 @pytest.mark.parametrize("interrupt_at", [2, 5], ids=["in_first_task", "in_second_task"])
 def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, tmp_path, monkeypatch, interrupt_at):
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",

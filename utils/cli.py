@@ -9,8 +9,8 @@ parser's defects are fixed here: the README spellings it rejected (``--sparse_in
 ``--growth unfired``, ``--dataset miniImageNet``) are accepted, and every boolean can be turned
 off (``--no-sparse``, ``--no-isolate``, ``--no-download``).
 
-Semantic problems (a flag value argparse accepts but the run cannot use) raise
-``UserError`` with one line; malformed flags are argparse errors (usage + one line, exit 2).
+Every problem with the command line, malformed (an unknown flag, a bad choice) or semantic (a
+value the run cannot use), raises ``UserError`` with one line; the entry points exit with 2.
 """
 
 from __future__ import annotations
@@ -88,8 +88,11 @@ class Config:
     eval: str
     download: bool
     resume: bool
+    overwrite: bool
     checkpoint_every: int
     max_batches: int | None
+    amp: bool
+    compile: bool
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (paths become strings), in field order."""
@@ -144,6 +147,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a malformed command line as a UserError: one line, exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def _check_benchmark(benchmark: str) -> None:
     if benchmark not in BENCHMARKS:
         raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
@@ -156,7 +166,7 @@ def _default_device() -> str:
 def build_parser(benchmark: str) -> argparse.ArgumentParser:
     """The argument parser of ``benchmark``'s entry script ("cifar100" or "miniImageNet")."""
     _check_benchmark(benchmark)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=SCRIPTS[benchmark],
         description=(
             "Task-incremental continual learning with dynamic sparse training "
@@ -232,7 +242,7 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
                         help="regrowth criterion (alias: random_unfired = unfired)")
     sparse.add_argument("--death_rate", type=float, default=0.5,
                         help="initial fraction of a task's active weights pruned at each "
-                        "update, in (0, 1); cosine-decayed over the task")
+                        "update, in [0, 1); cosine-decayed over the task")
     sparse.add_argument("--update_frequency", type=int, default=400,
                         help="batches between topology updates, >= 0; 0 = static sparse "
                         "baseline (no updates)")
@@ -252,12 +262,24 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
                      f"else cpu; here {_default_device()})")
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                      help="continue the run in --output_dir from its last checkpoint")
-    run.add_argument("--checkpoint_every", type=int, default=10,
+    run.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                     help="replace the run in --output_dir, finished or not (default: refuse)")
+    run.add_argument("--checkpoint_every", type=int, default=1,
                      help="also save the task in progress every N epochs, so --resume loses at "
                      "most N epochs (0: save only after each task)")
     run.add_argument("--max_batches", type=int, default=None,
                      help="cap on batches per epoch, for debugging and smoke runs "
                      "(default: None = no cap)")
+
+    speed = parser.add_argument_group(
+        "speed (GPU)", "On CUDA, input batches are channels_last and the data sets live on the GPU, "
+        "always; --amp and --compile are opt-in.")
+    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                       help="bfloat16 autocast on CUDA (changes the numerics; a no-op with a notice "
+                       "on other devices)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (pays off on long GPU runs; the first "
+                       "batches are slow while it compiles)")
     return parser
 
 
@@ -283,6 +305,23 @@ def _validate_device(name: str) -> str:
             f"--device {name}: MPS is not available on this machine; use --device cpu"
         )
     return str(device)
+
+
+def _check_compile(device: str) -> None:
+    """UserError when torch.compile cannot work on this machine for `device`."""
+    import shutil
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError("--compile: torch.compile does not support this Python or platform; drop --compile")
+    if torch.device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise UserError("--compile on CUDA needs triton (pip install triton); drop --compile")
+    elif not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UserError(f"--compile on {device} needs a C++ compiler (g++ or clang++); drop --compile")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -315,7 +354,7 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
     _require(args.l2 >= 0, f"--l2 must be >= 0, got {args.l2}")
     _require(0 < args.density <= 1, f"--density must be in (0, 1], got {args.density}")
-    _require(0 < args.death_rate < 1, f"--death_rate must be in (0, 1), got {args.death_rate}")
+    _require(0 <= args.death_rate < 1, f"--death_rate must be in [0, 1), got {args.death_rate}")
     _require(args.update_frequency >= 0,
              f"--update_frequency must be >= 0 (0 = static sparse), got {args.update_frequency}")
     _require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
@@ -331,13 +370,13 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
         args.sparse or not args.isolate,
         "--isolate needs --sparse: the dense baseline has no masks to isolate",
     )
+    _require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one")
 
 
 def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
     """Parse ``argv`` (``None``: ``sys.argv[1:]``) for ``benchmark``'s script into a Config.
 
-    Argparse errors (unknown flag, bad choice, malformed number) exit with code 2; semantic
-    problems raise ``UserError``. Aliases are resolved to canonical values, ``isolate``
+    Any problem raises ``UserError`` (``--help`` prints and exits). Aliases are resolved to canonical values, ``isolate``
     defaults to ``sparse``, ``output_dir`` to ``runs/<run_name>`` and ``device`` to cuda when
     available, else cpu.
     """
@@ -351,6 +390,8 @@ def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
                         args.growth, args.density, args.seed, isolate)
         output_dir = Path("runs") / name
     device = _validate_device(_default_device() if args.device is None else args.device)
+    if args.compile:
+        _check_compile(device)
     return Config(
         dataset=args.dataset,
         num_tasks=args.num_tasks,
@@ -384,6 +425,9 @@ def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
         eval=args.eval,
         download=args.download,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpoint_every=args.checkpoint_every,
         max_batches=args.max_batches,
+        amp=args.amp,
+        compile=args.compile,
     )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from utils.cli import parse_config
-from utils.errors import UserError
+from utils.errors import NonFiniteLoss, UserError
 from utils.metrics import format_report
 
 
@@ -21,7 +21,8 @@ class ConsoleHandler(logging.Handler):
 
 
 def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
-    """Run one experiment; return the exit code (2 for a mistake the user can fix)."""
+    """Run one experiment; return the exit code: 0 done, 1 training diverged, 2 a mistake the user
+    can fix (flags, output directory, data), each reported as one line on stderr."""
     console = ConsoleHandler()
     console.setLevel(logging.INFO)
     console.setFormatter(logging.Formatter("%(message)s"))
@@ -34,6 +35,9 @@ def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(format_report(results["acc_matrix"]))
     print(f"results written to {config.output_dir}")
     return 0

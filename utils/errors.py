@@ -7,3 +7,10 @@ anything else that escapes is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem the user can fix: a bad flag, a missing file, unreadable data."""
+
+
+class NonFiniteLoss(Exception):
+    """Training diverged (a NaN or infinite loss); the run stops after saving what it finished.
+
+    Entry points print its message as one line and exit with code 1.
+    """

@@ -144,6 +144,11 @@ def _json_list(values: np.ndarray) -> list[float | None]:
     return [_json_float(float(v)) for v in values]
 
 
+METRIC_KEYS = ("acc", "bwt", "bwt_per_task", "fwt", "fwt_per_task", "inc_acc", "forgetting",
+               "forgetting_per_task")
+"""The keys of `summarize`."""
+
+
 def summarize(A: ArrayLike) -> dict[str, Any]:
     """All named metrics of ``A`` as a JSON-ready dict (python floats; NaN becomes None).
 

@@ -1,10 +1,36 @@
-"""Collect the results of many runs (a sweep) into one table.
+"""The results of a sweep as tables and figures.
 
-    python -m utils.report runs/grid                 # print the table
-    python -m utils.report runs/grid --csv grid.csv  # and write it as CSV
+    python -m utils.report RUNS_DIR [--out DIR] [--no-figures]
 
-Every `results.json` below the given folder becomes one row: the settings a sweep varies and the
-run's metrics. Unfinished runs (no results.json yet) are listed as missing, not silently skipped.
+    python -m utils.report runs/sweep-cifar100-10tasks      # report.md, report.csv, figures/
+    python -m utils.report runs --out reports/all           # every run below runs/, one table per benchmark
+
+Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS_DIR):
+
+``report.md``
+    One table per benchmark (dataset x number of tasks). Rows: sparse_init x growth of the
+    isolated dynamic-sparse runs, then a row per baseline found: static sparse (update_frequency
+    0, per init), sparse fine-tuning (isolate false, per init and growth) and dense fine-tuning
+    (sparse false; its column is 0 % sparsity). Columns: sparsity = 1 - density (0.2, 0.1, 0.05 ->
+    80 %, 90 %, 95 %). Cells: the final ACC (%), mean ± std over the runs (seeds) with their number
+    n; std is the sample standard deviation (n - 1) and is left out when n = 1. The BWT column is
+    mean ± std over all of the row's runs. Below each table: the settings its runs share, and a
+    warning when they differ in a setting the table does not show (the cells would mix them).
+    Then every run that is not in a table: failed (its results.json says ``"complete": false``)
+    and unfinished (started: config.json or a checkpoint, but no results.json; maybe still running,
+    maybe crashed).
+``report.csv``
+    One row per run, failed and unfinished ones included (column ``status``): the settings, the
+    table row and sparsity it belongs to, the metrics, and its directory. A table cell is the set
+    of ``complete`` rows sharing dataset, num_tasks, row and sparsity_percent.
+``figures/`` (needs matplotlib: ``pip install -r requirements-figures.txt``; skipped otherwise)
+    ``acc_matrix/<run>.png``: each run's accuracy matrix (percent; row i = after task i).
+    ``<benchmark>_acc_vs_sparsity.png``: ACC against sparsity, one line per table row (± std).
+    ``<benchmark>_capacity.png``: the backbone after each task, stacked: weights reused by the
+    task from earlier tasks / new in the task / used only by earlier tasks / still free; one panel
+    per init x sparsity, mean over growths and seeds (isolated dynamic-sparse runs).
+
+Every file is written atomically (a temporary name in the same folder, then renamed).
 """
 
 from __future__ import annotations
@@ -13,76 +39,493 @@ import argparse
 import csv
 import io
 import json
+import math
+import os
+import statistics
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.run_dir import CHECKPOINT_FILE, RESULTS_FILE, write_text
+from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, PROGRESS_FILE, RESULTS_FILE, write_text
 
-SETTINGS = ("dataset", "num_tasks", "sparse", "isolate", "sparse_init", "growth", "density",
-            "update_frequency", "epochs", "seed")
-METRICS = ("acc", "bwt", "fwt", "forgetting")
-
-
-def collect(root: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Rows (settings, metrics, mean training seconds per task, run folder) sorted by settings,
-    and the folders of runs that started but have no results yet. Files named results.json
-    that are not a run's results are skipped."""
-    rows = []
-    for path in sorted(root.rglob(RESULTS_FILE)):
-        try:
-            results = json.loads(path.read_text())
-            row = {key: results["config"][key] for key in SETTINGS}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        row.update({key: results[key] for key in METRICS})
-        seconds = [task["train_seconds"] for task in results["per_task"]]
-        row["task_seconds"] = sum(seconds) / len(seconds)
-        row["run"] = str(path.parent)
-        rows.append(row)
-    unfinished = sorted(p.parent for p in root.rglob(CHECKPOINT_FILE) if not (p.parent / RESULTS_FILE).exists())
-    rows.sort(key=lambda row: tuple(str(row[key]) for key in SETTINGS))
-    return rows, unfinished
+FIGURES_HINT = "pip install -r requirements-figures.txt"
+INIT_ORDER = ("ERK", "uniform")
+GROWTH_ORDER = ("random", "unfired", "momentum", "gradient")
+SHOWN_SETTINGS = ("num_classes_per_task", "epochs", "update_frequency", "max_batches")
+# Settings that may differ between the runs of one table: the table's own axes, and settings
+# that do not change results (those --resume accepts changed, utils.train.RESUME_MAY_DIFFER).
+TABLE_AXES = ("dataset", "num_tasks", "sparse", "isolate", "sparse_init", "growth", "density", "seed",
+              "output_dir", "resume", "overwrite", "device", "data_dir", "download", "checkpoint_every")
+CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "sparse", "isolate", "sparse_init", "growth",
+                "density", "update_frequency", "epochs", "seed")
+CSV_METRICS = ("acc", "bwt", "fwt", "forgetting")
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=[*SETTINGS, *METRICS, "task_seconds", "run"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
+# ---- runs ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory: ``status`` is "complete", "failed" (stopped early) or "unfinished"."""
+
+    directory: Path
+    status: str
+    config: dict[str, Any]
+    results: dict[str, Any] | None = None
+
+    @property
+    def benchmark(self) -> tuple[str, int]:
+        return self.config.get("dataset", "?"), self.config.get("num_tasks", 0)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of the rows: settings as given, metrics with 2 decimals."""
-    columns = [*SETTINGS, *METRICS]
-    cells = [[str(row[c]) for c in SETTINGS] + ["-" if row[m] is None else f"{row[m]:.2f}" for m in METRICS]
-             for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+def read_json(path: Path) -> Any:
+    """The parsed file, or None if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_run_results(results: Any) -> bool:
+    return isinstance(results, dict) and isinstance(results.get("config"), dict) and "acc_matrix" in results
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run below ``root`` (``root`` itself included), sorted by directory. A results.json
+    that is not a run's results is ignored."""
+    runs = []
+    for path in root.rglob(RESULTS_FILE):
+        results = read_json(path)
+        if is_run_results(results):
+            status = "complete" if results.get("complete", True) else "failed"
+            runs.append(Run(path.parent, status, results["config"], results))
+    started = {p.parent for name in (CONFIG_FILE, CHECKPOINT_FILE, PROGRESS_FILE) for p in root.rglob(name)}
+    for directory in started:
+        if not (directory / RESULTS_FILE).exists():
+            config = read_json(directory / CONFIG_FILE)
+            runs.append(Run(directory, "unfinished", config if isinstance(config, dict) else {}))
+    return sorted(runs, key=lambda run: str(run.directory))
+
+
+# ---- rows, columns and cells -----------------------------------------------------------------
+
+def _order(value: str, known: Sequence[str]) -> tuple[int, str]:
+    return (known.index(value), "") if value in known else (len(known), str(value))
+
+
+def table_row(config: dict[str, Any]) -> tuple[tuple, str]:
+    """(sort key, label) of the table row a run belongs to: its init x growth, or its baseline."""
+    init, growth = config.get("sparse_init", "?"), config.get("growth", "?")
+    static = config.get("update_frequency") == 0
+    if not config.get("sparse", True):
+        return (3,), "dense fine-tuning"
+    if not config.get("isolate", True):
+        how = "static" if static else growth
+        return (2, _order(init, INIT_ORDER), _order(how, GROWTH_ORDER)), f"sparse fine-tuning: {init} + {how}"
+    if static:
+        return (1, _order(init, INIT_ORDER)), f"static sparse: {init}"
+    return (0, _order(init, INIT_ORDER), _order(growth, GROWTH_ORDER)), f"{init} + {growth}"
+
+
+def sparsity_percent(config: dict[str, Any]) -> float:
+    """100 x (1 - density), rounded to 4 decimals; 0 for a dense run."""
+    if not config.get("sparse", True):
+        return 0.0
+    return round(100 * (1 - config["density"]), 4)
+
+
+def format_percent(value: float) -> str:
+    return f"{value:g} %"
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    std: float | None  # sample standard deviation; None for a single value
+    n: int
+
+
+def stats(values: Sequence[float]) -> Stats:
+    return Stats(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def format_stats(s: Stats, with_n: bool = True) -> str:
+    text = f"{s.mean:.2f}" if s.std is None else f"{s.mean:.2f} ± {s.std:.2f}"
+    return f"{text} (n={s.n})" if with_n else text
+
+
+@dataclass
+class Table:
+    """The complete runs of one benchmark, by row label and sparsity."""
+
+    benchmark: tuple[str, int]
+    runs: list[Run]
+
+    def rows(self) -> list[str]:
+        keyed = {table_row(run.config) for run in self.runs}
+        return [label for _, label in sorted(keyed)]
+
+    def columns(self) -> list[float]:
+        return sorted({sparsity_percent(run.config) for run in self.runs})
+
+    def runs_in(self, row: str, column: float | None = None) -> list[Run]:
+        return [run for run in self.runs if table_row(run.config)[1] == row
+                and (column is None or sparsity_percent(run.config) == column)]
+
+    def cell(self, row: str, column: float, metric: str = "acc") -> Stats | None:
+        values = [run.results[metric] for run in self.runs_in(row, column) if run.results.get(metric) is not None]
+        return stats(values) if values else None
+
+    def row_bwt(self, row: str) -> Stats | None:
+        values = [run.results["bwt"] for run in self.runs_in(row) if run.results.get("bwt") is not None]
+        return stats(values) if values else None
+
+
+def build_tables(runs: Sequence[Run]) -> list[Table]:
+    """One table per benchmark (dataset, number of tasks) of the complete runs, in name order."""
+    by_benchmark: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.status == "complete":
+            by_benchmark[run.benchmark].append(run)
+    return [Table(benchmark, by_benchmark[benchmark]) for benchmark in sorted(by_benchmark)]
+
+
+def benchmark_title(table: Table) -> str:
+    dataset, tasks = table.benchmark
+    per_task = sorted({run.config.get("num_classes_per_task") for run in table.runs}, key=str)
+    classes = " or ".join(str(k) for k in per_task)
+    return f"{dataset}, {tasks} tasks x {classes} classes"
+
+
+def benchmark_slug(table: Table) -> str:
+    dataset, tasks = table.benchmark
+    return f"{dataset}_{tasks}tasks"
+
+
+# ---- settings the runs of a table share ------------------------------------------------------
+
+def setting_values(table: Table) -> dict[str, list[Any]]:
+    """Every setting outside the table's axes -> its distinct values, sorted (update_frequency 0
+    of the static baseline left out: it is a row of its own)."""
+    values: dict[str, dict[str, Any]] = defaultdict(dict)
+    for run in table.runs:
+        for key, value in run.config.items():
+            if key not in TABLE_AXES and not (key == "update_frequency" and value == 0):
+                values[key][json.dumps(value)] = value
+    return {key: sorted(found.values(), key=_numbers_first) for key, found in values.items()}
+
+
+def _numbers_first(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def settings_lines(table: Table) -> list[str]:
+    """'Settings: epochs 100, ...' and one warning per setting that differs between the runs."""
+    values = setting_values(table)
+    shared = [f"{key} {values[key][0]}" for key in SHOWN_SETTINGS
+              if len(values.get(key, ())) == 1 and values[key][0] is not None]
+    lines = [f"Settings: {', '.join(shared)}."] if shared else []
+    for key, found in sorted(values.items()):
+        if len(found) > 1:
+            lines.append(f"**Warning:** the runs differ in {key} ({', '.join(map(str, found))}); "
+                         "the cells mix them.")
+    return lines
+
+
+def duplicate_warnings(table: Table) -> list[str]:
+    """One warning per set of runs in the same cell with the same seed (counted twice in n)."""
+    seen: dict[tuple, list[Run]] = defaultdict(list)
+    for run in table.runs:
+        seen[(table_row(run.config)[1], sparsity_percent(run.config), run.config.get("seed"))].append(run)
+    return [f"**Warning:** runs with the same settings and seed, all counted: "
+            f"{', '.join(str(run.directory) for run in same)}." for same in seen.values() if len(same) > 1]
+
+
+# ---- report.md -------------------------------------------------------------------------------
+
+def markdown_table(table: Table) -> str:
+    columns = table.columns()
+    header = ["init + growth", *map(format_percent, columns), "BWT"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.rows():
+        cells = [table.cell(row, column) for column in columns]
+        bwt = table.row_bwt(row)
+        texts = ["" if cell is None else format_stats(cell) for cell in cells]
+        lines.append("| " + " | ".join([row, *texts, "" if bwt is None else format_stats(bwt, with_n=False)]) + " |")
     return "\n".join(lines)
 
 
+def table_section(table: Table, figures: list[Path]) -> str:
+    parts = [f"## {benchmark_title(table)}",
+             "Final ACC (%) after the last task: mean ± std over seeds (n runs); sparsity = 1 - density. "
+             "BWT (%): mean ± std over all runs of the row.",
+             markdown_table(table)]
+    notes = settings_lines(table) + duplicate_warnings(table)
+    if notes:
+        parts.append("\n".join(notes))
+    parts += [f"![{figure.stem}]({figure.as_posix()})" for figure in figures]
+    return "\n\n".join(parts)
+
+
+def left_out_section(runs: Sequence[Run]) -> str:
+    failed = [run for run in runs if run.status == "failed"]
+    unfinished = [run for run in runs if run.status == "unfinished"]
+    if not failed and not unfinished:
+        return "## Runs not in the tables\n\nNone: every run found is complete."
+    lines = ["## Runs not in the tables", ""]
+    lines += [f"- failed (stopped early, results.json has \"complete\": false): `{run.directory}`" for run in failed]
+    lines += [f"- unfinished (no results.json: still running, or stopped): `{run.directory}`" for run in unfinished]
+    return "\n".join(lines)
+
+
+def markdown_report(root: Path, runs: Sequence[Run], tables: Sequence[Table],
+                    figures: dict[tuple[str, int], list[Path]], figures_note: str) -> str:
+    counts = {status: sum(run.status == status for run in runs) for status in ("complete", "failed", "unfinished")}
+    intro = (f"# Report of {root}\n\n{len(runs)} runs found: {counts['complete']} complete, "
+             f"{counts['failed']} failed, {counts['unfinished']} unfinished. {figures_note}")
+    sections = [intro, *(table_section(table, figures.get(table.benchmark, [])) for table in tables),
+                left_out_section(runs)]
+    return "\n\n".join(sections) + "\n"
+
+
+# ---- report.csv ------------------------------------------------------------------------------
+
+def csv_row(run: Run) -> dict[str, Any]:
+    """One run's settings, table position, metrics, capacity used at the end, mean seconds per task."""
+    config, results = run.config, run.results or {}
+    row: dict[str, Any] = {"status": run.status}
+    row.update({key: config.get(key, "") for key in CSV_SETTINGS})
+    row["table_row"] = table_row(config)[1] if config else ""
+    row["sparsity_percent"] = sparsity_percent(config) if "density" in config else ""
+    row.update({key: "" if results.get(key) is None else results[key] for key in CSV_METRICS})
+    per_task = results.get("per_task") or []
+    row["capacity_used"] = per_task[-1].get("capacity_used", "") if per_task else ""
+    seconds = [task["train_seconds"] for task in per_task if "train_seconds" in task]
+    row["task_seconds"] = sum(seconds) / len(seconds) if seconds else ""
+    row["run"] = str(run.directory)
+    return row
+
+
+def to_csv(runs: Sequence[Run]) -> str:
+    fields = ["status", *CSV_SETTINGS, "table_row", "sparsity_percent", *CSV_METRICS, "capacity_used",
+              "task_seconds", "run"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_row(run) for run in runs)
+    return out.getvalue()
+
+
+# ---- figures (matplotlib, optional) ------------------------------------------------------------
+
+def load_pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, figure, path: Path) -> None:
+    """Save as PNG to a temporary name next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(figure)
+
+
+def run_slug(root: Path, run: Run) -> str:
+    relative = run.directory.relative_to(root)
+    return "__".join(relative.parts) if relative.parts else run.directory.resolve().name
+
+
+def plot_accuracy_matrix(plt, run: Run, title: str, path: Path) -> None:
+    matrix = [[math.nan if v is None else v for v in row] for row in run.results["acc_matrix"]]
+    tasks = len(matrix)
+    size = max(3.5, 0.45 * tasks + 2)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    image = axes.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
+    figure.colorbar(image, ax=axes, label="test accuracy (%)")
+    if tasks <= 10:
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                if not math.isnan(value):
+                    axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                              color="white" if value < 60 else "black")
+    axes.set(xlabel="task evaluated (above the diagonal: forward-transfer probe)",
+             ylabel="after training task", title=title)
+    axes.set_xticks(range(tasks), [str(t + 1) for t in range(tasks)])
+    axes.set_yticks(range(tasks), [str(t + 1) for t in range(tasks)])
+    save_figure(plt, figure, path)
+
+
+def line_style(row: str) -> dict[str, Any]:
+    """Solid lines for ERK, dashed for uniform, grey dotted for the baselines."""
+    if row.startswith(("static", "sparse fine", "dense")):
+        return {"linestyle": ":", "color": "grey" if row.startswith("dense") else None}
+    return {"linestyle": "--" if row.startswith("uniform") else "-"}
+
+
+def plot_acc_vs_sparsity(plt, table: Table, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    columns = [c for c in table.columns() if c > 0]
+    for row in table.rows():
+        points = [(column, table.cell(row, column)) for column in table.columns()]
+        points = [(column, cell) for column, cell in points if cell is not None]
+        if row == "dense fine-tuning" and points:
+            axes.axhline(points[0][1].mean, label=row, **line_style(row))
+            continue
+        axes.errorbar([c for c, _ in points], [cell.mean for _, cell in points],
+                      yerr=[cell.std or 0.0 for _, cell in points], marker="o", capsize=3, label=row,
+                      **line_style(row))
+    axes.set_xticks(columns, [format_percent(c) for c in columns])
+    axes.set(xlabel="sparsity (1 - density)", ylabel="final ACC (%)", title=benchmark_title(table))
+    axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    axes.grid(alpha=0.3)
+    save_figure(plt, figure, path)
+
+
+CAPACITY_PARTS = ("reused by the task", "new in the task", "earlier tasks only", "free")
+
+
+def capacity_stack(per_task: Sequence[dict[str, Any]]) -> list[tuple[float, float, float, float]] | None:
+    """Per task, the backbone's weights split into CAPACITY_PARTS (fractions summing to 1), or
+    None when the run did not record its capacity (dense runs)."""
+    if not per_task or any("capacity_used" not in task for task in per_task):
+        return None
+    stack, used_before = [], 0.0
+    for task in per_task:
+        reused, used = task["capacity_reused"], task["capacity_used"]
+        stack.append((reused, used - used_before, used_before - reused, task["capacity_free"]))
+        used_before = used
+    return stack
+
+
+def mean_stack(stacks: Sequence[list[tuple[float, ...]]]) -> list[list[float]]:
+    """Element-wise mean of equally long stacks, as one list per part."""
+    tasks = min(len(stack) for stack in stacks)
+    return [[statistics.fmean(stack[t][part] for stack in stacks) for t in range(tasks)]
+            for part in range(len(CAPACITY_PARTS))]
+
+
+def plot_capacity(plt, table: Table, path: Path) -> bool:
+    """Stacked bars per init x sparsity; False (nothing written) without isolated sparse runs."""
+    runs = [run for run in table.runs if table_row(run.config)[0][0] == 0]
+    stacks: dict[tuple[str, float], list] = defaultdict(list)
+    for run in runs:
+        stack = capacity_stack(run.results.get("per_task", []))
+        if stack is not None:
+            stacks[(run.config["sparse_init"], sparsity_percent(run.config))].append(stack)
+    if not stacks:
+        return False
+    inits = sorted({init for init, _ in stacks}, key=lambda i: _order(i, INIT_ORDER))
+    columns = sorted({column for _, column in stacks})
+    figure, grid = plt.subplots(len(inits), len(columns), figsize=(3.2 * len(columns) + 1.5, 2.8 * len(inits)),
+                                squeeze=False, sharey=True, layout="constrained")
+    colors = ("tab:orange", "tab:blue", "tab:grey", "#e8e8e8")
+    for r, init in enumerate(inits):
+        for c, column in enumerate(columns):
+            axes = grid[r][c]
+            axes.set_title(f"{init}, {format_percent(column)} sparse", fontsize=9)
+            if (init, column) not in stacks:
+                axes.set_axis_off()
+                continue
+            parts = mean_stack(stacks[(init, column)])
+            tasks = list(range(1, len(parts[0]) + 1))
+            bottom = [0.0] * len(tasks)
+            for part, values, color in zip(CAPACITY_PARTS, parts, colors):
+                axes.bar(tasks, [100 * v for v in values], bottom=bottom, color=color, label=part)
+                bottom = [b + 100 * v for b, v in zip(bottom, values)]
+            axes.set_xticks(tasks)
+            axes.set_xlabel("after task")
+            if c == 0:
+                axes.set_ylabel("backbone weights (%)")
+    handles, labels = next(axes.get_legend_handles_labels() for axes in grid.flat if axes.axison)
+    figure.legend(handles, labels, loc="outside right center", fontsize=8)
+    figure.suptitle(f"{benchmark_title(table)}: backbone capacity (mean over growths and seeds)")
+    save_figure(plt, figure, path)
+    return True
+
+
+def write_figures(plt, root: Path, out: Path, runs: Sequence[Run], tables: Sequence[Table]) -> dict:
+    """All figures; returns benchmark -> its figures' paths relative to ``out``."""
+    figures_dir = out / "figures"
+    for run in runs:
+        if run.results is not None:
+            slug = run_slug(root, run)
+            acc = run.results.get("acc")
+            title = f"{slug}: ACC {'-' if acc is None else f'{acc:.2f}'} %"
+            plot_accuracy_matrix(plt, run, title, figures_dir / "acc_matrix" / f"{slug}.png")
+    made: dict[tuple[str, int], list[Path]] = {}
+    for table in tables:
+        slug = benchmark_slug(table)
+        paths = [figures_dir / f"{slug}_acc_vs_sparsity.png"]
+        plot_acc_vs_sparsity(plt, table, paths[0])
+        if plot_capacity(plt, table, figures_dir / f"{slug}_capacity.png"):
+            paths.append(figures_dir / f"{slug}_capacity.png")
+        made[table.benchmark] = [path.relative_to(out) for path in paths]
+    return made
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def report(root: Path, out: Path, runs: Sequence[Run], figures: bool = True) -> list[str]:
+    """Write report.md, report.csv and (with matplotlib) the figures of ``runs`` (found below
+    ``root``) into ``out``; return what to tell the user."""
+    tables = build_tables(runs)
+    plt = load_pyplot() if figures else None
+    messages = []
+    if plt is not None:
+        made = write_figures(plt, root, out, runs, tables)
+        figures_note = "Figures in figures/."
+    else:
+        made = {}
+        figures_note = ("No figures (--no-figures)." if not figures else
+                        f"No figures: matplotlib is not installed (`{FIGURES_HINT}`).")
+        if figures:
+            messages.append(f"figures skipped: matplotlib is not installed; to get them: {FIGURES_HINT}")
+    text = markdown_report(root, runs, tables, made, figures_note)
+    write_text(out / "report.md", text)
+    write_text(out / "report.csv", to_csv(runs))
+    messages.insert(0, text)
+    messages.append(f"wrote {out / 'report.md'} and {out / 'report.csv'}"
+                    + (f" and figures in {out / 'figures'}" if plt is not None else ""))
+    return messages
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="folder holding the runs (searched recursively)")
-    parser.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    parser = argparse.ArgumentParser(prog="python -m utils.report",
+                                     description="Tables (report.md, report.csv) and figures of the runs "
+                                                 "below RUNS_DIR.")
+    parser.add_argument("root", metavar="RUNS_DIR", type=Path, help="folder holding the runs (searched recursively)")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: RUNS_DIR)")
+    parser.add_argument("--no-figures", action="store_true", help="only the tables, even with matplotlib")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
         return 2
-    rows, unfinished = collect(args.root)
-    if not rows:
-        print(f"error: no {RESULTS_FILE} below {args.root}", file=sys.stderr)
+    runs = find_runs(args.root)
+    if not runs:
+        print(f"error: no runs (no {RESULTS_FILE} or {CONFIG_FILE}) below {args.root}", file=sys.stderr)
         return 2
-    print(format_table(rows))
-    for folder in unfinished:
-        print(f"unfinished: {folder}")
-    if args.csv:
-        write_text(args.csv, to_csv(rows))
-        print(f"written to {args.csv}")
+    out = args.out or args.root
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"error: cannot create {out}: {error.strerror}", file=sys.stderr)
+        return 2
+    for message in report(args.root, out, runs, figures=not args.no_figures):
+        print(message)
     return 0
 
 

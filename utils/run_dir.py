@@ -1,7 +1,8 @@
 """The run directory: config, log, results and checkpoint, each written whole or not at all.
 
-Every file goes to a hidden temporary name in the same directory first and is then renamed
-over the target (`os.replace` is atomic on POSIX), so a crash never leaves half a file.
+Every file goes to a hidden temporary name in the same directory first, is flushed and fsynced,
+and is then renamed over the target (`os.replace` is atomic on POSIX), so a crash at any moment
+leaves the old file or the new one, never half a file. (The log is the exception: it is appended.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -23,22 +24,41 @@ REPORT_FILE = "report.txt"
 LOG_FILE = "train.log"
 CHECKPOINT_FILE = "checkpoint.pt"  # the run after its last finished task
 PROGRESS_FILE = "task_in_progress.pt"  # the task being trained, every --checkpoint_every epochs
+RUN_FILES = (CONFIG_FILE, RESULTS_FILE, REPORT_FILE, LOG_FILE, CHECKPOINT_FILE, PROGRESS_FILE)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write` on a hidden temporary file next to `path`, then rename it over `path`."""
+def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write` on a hidden temporary file next to `path`, make it durable (flush, fsync),
+    rename it over `path`, and fsync the directory so that the rename survives a power cut."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically."""
-    _write_atomically(path, lambda tmp: tmp.write_text(text))
+    """Write `text` (UTF-8) to `path` atomically."""
+    _write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -48,7 +68,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """`torch.save` to `path` atomically."""
-    _write_atomically(path, lambda tmp: torch.save(state, tmp))
+    _write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,14 +26,15 @@ from data import DATASET_STATS, Split, TensorLoader, class_order, load_dataset, 
 from models import build_model
 from sparselearning import Masking, TaskMasks, derive_seed
 from utils import run_dir
+from utils.acceleration import Acceleration
 from utils.cli import Config
-from utils.errors import UserError
-from utils.metrics import format_report, summarize
+from utils.errors import NonFiniteLoss, UserError
+from utils.metrics import METRIC_KEYS, format_report, summarize
 
 log = logging.getLogger(__name__)
 
 # Settings that may differ between a run and its resumption without changing its results.
-RESUME_MAY_DIFFER = ("resume", "device", "data_dir", "download", "checkpoint_every")
+RESUME_MAY_DIFFER = ("resume", "overwrite", "device", "data_dir", "download", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -77,28 +80,39 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     masking: Masking | None,
     task: Task,
+    epoch: int,
     config: Config,
+    accel: Acceleration,
 ) -> tuple[float, float]:
     """One pass over the task's training data; returns (mean loss, accuracy in percent).
 
     The loss is the cross-entropy over the task's slice of the logits (the task id is known).
+    Loss, accuracy and the first batch with a non-finite loss are tracked on the device and read
+    once, at the end: the loop never waits for the GPU. A non-finite loss raises NonFiniteLoss.
     """
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no sync per batch
+    loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch
+    first_nonfinite = torch.tensor(-1, device=accel.device)
     for batch, (x, y) in enumerate(loader):
         if config.max_batches is not None and batch >= config.max_batches:
             break
-        logits = model(x)
-        loss = F.cross_entropy(logits[:, task.classes], y - task.classes.start)
+        with accel.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits[:, task.classes].float(), y - task.classes.start)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if masking is not None:
             masking.step()
         else:
             optimizer.step()
-        loss_sum += loss.detach() * len(y)
+        loss = loss.detach()
+        first_nonfinite = torch.where((first_nonfinite < 0) & ~loss.isfinite(), batch, first_nonfinite)
+        loss_sum += loss * len(y)
         correct += (predictions(logits.detach(), task.classes, config.eval) == y).sum()
         seen += len(y)
+    if (bad := int(first_nonfinite)) >= 0:
+        raise NonFiniteLoss(f"non-finite loss in task {task.index + 1}, epoch {epoch + 1}, batch {bad + 1}; "
+                            "the finished tasks' results are in results.json (try a smaller --lr)")
     return float(loss_sum) / seen, 100.0 * float(correct) / seen
 
 
@@ -111,7 +125,7 @@ def train_task(
     task: Task,
     frozen: dict[str, torch.Tensor] | None,
     config: Config,
-    device: torch.device,
+    accel: Acceleration,
     in_progress: dict[str, Any] | None = None,
     save_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
@@ -124,7 +138,8 @@ def train_task(
     """
     stats = DATASET_STATS[config.dataset]
     loader = TensorLoader(task.train, batch_size=config.batch_size, train=True, mean=stats[0], std=stats[1],
-                          device=device, seed=derive_seed(config.seed, LOADER_STREAM, task.index))
+                          device=accel.device, seed=derive_seed(config.seed, LOADER_STREAM, task.index),
+                          channels_last=accel.channels_last)
     optimizer = make_optimizer(config, model)
     milestones = [int(config.epochs * 0.5), int(config.epochs * 0.75)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
@@ -147,6 +162,7 @@ def train_task(
         if masking is not None:
             masking.load_state_dict(in_progress["masking"])
         loader.load_state_dict(in_progress["loader"])
+        torch.set_rng_state(in_progress["torch_rng"])
         first_epoch, earlier_seconds = in_progress["epochs_done"], in_progress["seconds"]
         best_acc, best_epoch, kept = in_progress["best_acc"], in_progress["best_epoch"], in_progress["kept"]
 
@@ -154,7 +170,7 @@ def train_task(
     progress = tqdm(range(first_epoch, config.epochs), desc=f"task {task.index + 1}", unit="epoch",
                     initial=first_epoch, total=config.epochs, leave=False)
     for epoch in progress:
-        loss, acc = train_epoch(model, loader, optimizer, masking, task, config)
+        loss, acc = train_epoch(model, loader, optimizer, masking, task, epoch, config, accel)
         scheduler.step()
         progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
         log.debug("task %d epoch %d: loss %.4f, train accuracy %.2f%%", task.index + 1, epoch + 1, loss, acc)
@@ -169,7 +185,7 @@ def train_task(
                 "task": task.index, "epochs_done": epoch + 1, "seconds": earlier_seconds + time.perf_counter() - start,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "masking": masking.state_dict() if masking is not None else None, "loader": loader.state_dict(),
-                "best_acc": best_acc, "best_epoch": best_epoch, "kept": kept,
+                "torch_rng": torch.get_rng_state(), "best_acc": best_acc, "best_epoch": best_epoch, "kept": kept,
             })
     if kept is not None:
         restore(model, masking, kept)
@@ -213,7 +229,8 @@ def restore(model: nn.Module, masking: Masking | None, kept: dict[str, Any]) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, label_shift: int = 0) -> float:
+def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, label_shift: int = 0,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
     """Test accuracy in percent of `model` on `loader`, predicting within `classes`.
 
     `label_shift` maps the labels of another task onto `classes` (the authors' FWT probe).
@@ -222,7 +239,9 @@ def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, 
     model.eval()
     correct, seen = 0, 0
     for x, y in loader:
-        correct += (predictions(model(x), classes, mode) == y - label_shift).sum()
+        with autocast():
+            logits = model(x)
+        correct += (predictions(logits, classes, mode) == y - label_shift).sum()
         seen += len(y)
     return 100.0 * float(correct) / seen
 
@@ -233,7 +252,8 @@ def task_network(model: nn.Module, task_masks: TaskMasks, index: int) -> context
 
 
 def evaluate_row(
-    model: nn.Module, task_masks: TaskMasks, tasks: list[Task], loaders: list[TensorLoader], i: int, config: Config
+    model: nn.Module, task_masks: TaskMasks, tasks: list[Task], loaders: list[TensorLoader], i: int, config: Config,
+    accel: Acceleration,
 ) -> np.ndarray:
     """Row i of the accuracy matrix, measured now (right after training task i).
 
@@ -246,7 +266,7 @@ def evaluate_row(
         network = min(i, j)
         with task_network(model, task_masks, network):
             shift = (j - i) * config.num_classes_per_task if j > i else 0
-            row[j] = evaluate(model, loaders[j], tasks[network].classes, config.eval, shift)
+            row[j] = evaluate(model, loaders[j], tasks[network].classes, config.eval, shift, accel.autocast)
     return row
 
 
@@ -271,54 +291,112 @@ def build_tasks(config: Config) -> list[Task]:
     return [Task(t, slice(t * k, (t + 1) * k), train_tasks[t], test_tasks[t]) for t in range(config.num_tasks)]
 
 
-def prepare_output_dir(config: Config) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Create the run directory; when resuming, return its checkpoints: the run after its last
-    finished task and the task in progress (each None when absent)."""
+@dataclass
+class Resumable:
+    """What an output directory already holds: a finished run's results, the run after its last
+    finished task, and the task in progress (each None when absent)."""
+
+    finished: dict[str, Any] | None = None
+    saved: dict[str, Any] | None = None
+    in_progress: dict[str, Any] | None = None
+
+
+def inspect_output_dir(config: Config) -> Resumable:
+    """Decide, without writing anything, whether the run may use `--output_dir`, and load what
+    `--resume` continues from.
+
+    A directory holding a finished run is refused unless --resume (which returns its results) or
+    --overwrite; one holding an unfinished run unless --resume or --overwrite.
+    """
     out = config.output_dir
-    paths = (out / run_dir.CHECKPOINT_FILE, out / run_dir.PROGRESS_FILE)
-    if any(path.exists() for path in paths) and not config.resume:
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or --output_dir for a new one")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a directory")
+    paths = {name: out / name for name in (run_dir.RESULTS_FILE, run_dir.CHECKPOINT_FILE, run_dir.PROGRESS_FILE)}
+    present = [name for name, path in paths.items() if path.exists()]
+    if not present or config.overwrite:
+        return Resumable()
+    results = _read_results(paths[run_dir.RESULTS_FILE])
+    finished = results is not None and results.get("complete", True)
+    if not config.resume:
+        state = "a finished run" if finished else "an unfinished run"
+        raise UserError(f"{out} holds {state}; pass --resume to "
+                        f"{'print its results' if finished else 'continue it'} or --overwrite to start again")
+    if finished:
+        _check_same_config(config, results)
+        return Resumable(finished=results)
+    saved, in_progress = (run_dir.load_checkpoint(paths[name]) if paths[name].exists() else None
+                          for name in (run_dir.CHECKPOINT_FILE, run_dir.PROGRESS_FILE))
+    for state in (saved, in_progress):
+        _check_same_config(config, state)
+    return Resumable(saved=saved, in_progress=in_progress)
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path} ({error}); pass --overwrite to start again") from None
+
+
+def _check_same_config(config: Config, state: dict[str, Any] | None) -> None:
+    now = config.to_dict()
+    changed = [k for k, v in (state or {}).get("config", {}).items()
+               if k not in RESUME_MAY_DIFFER and now.get(k) != v]
+    if changed:
+        raise UserError(f"--resume: {config.output_dir} was run with other settings ({', '.join(changed)}); "
+                        "use a new --output_dir")
+
+
+def create_output_dir(config: Config) -> None:
+    """Make the run directory; with --overwrite, remove the files of the run it held."""
+    out = config.output_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            for name in run_dir.RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     except OSError as error:
         raise UserError(f"cannot create output directory {out}: {error.strerror}") from None
-    saved, in_progress = (run_dir.load_checkpoint(path) if path.exists() else None for path in paths)
-    now = config.to_dict()
-    for state in (saved, in_progress):
-        changed = [k for k, v in (state or {}).get("config", {}).items()
-                   if k not in RESUME_MAY_DIFFER and now.get(k) != v]
-        if changed:
-            raise UserError(f"--resume: {out} was run with other settings ({', '.join(changed)}); "
-                            "use a new --output_dir")
-    return saved, in_progress
 
 
 def run(config: Config) -> dict[str, Any]:
-    """The whole experiment; writes config.json, train.log, checkpoint.pt, results.json, report.txt."""
-    saved, in_progress = prepare_output_dir(config)
+    """The whole experiment; writes config.json, train.log, checkpoint.pt, results.json, report.txt.
+
+    Everything that can fail because of the user's input (the output directory, the data) is
+    checked before the first file is written.
+    """
+    resumable = inspect_output_dir(config)
+    if resumable.finished is not None:
+        log.info("%s holds a finished run: nothing to do", config.output_dir)
+        return resumable.finished
+    tasks = build_tasks(config)
+    create_output_dir(config)
     handler = run_dir.attach_log_file(config.output_dir)
     try:
-        return _run(config, saved, in_progress)
+        return _run(config, tasks, resumable.saved, resumable.in_progress)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
-def _run(config: Config, resumed: dict[str, Any] | None, in_progress: dict[str, Any] | None) -> dict[str, Any]:
-    out, device = config.output_dir, torch.device(config.device)
+def _run(config: Config, tasks: list[Task], resumed: dict[str, Any] | None,
+         in_progress: dict[str, Any] | None) -> dict[str, Any]:
+    out, accel = config.output_dir, Acceleration.for_run(config)
     run_dir.write_json(out / run_dir.CONFIG_FILE, config.to_dict())
     torch.manual_seed(config.seed)
-    model = build_model(config.net_name, config.num_classes).to(device)
-    tasks = build_tasks(config)
+    model = accel.prepare(build_model(config.net_name, config.num_classes).to(accel.device))
     stats = DATASET_STATS[config.dataset]
     test_loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False, mean=stats[0],
-                                 std=stats[1], device=device) for task in tasks]
+                                 std=stats[1], device=accel.device, channels_last=accel.channels_last)
+                    for task in tasks]
 
     acc = np.full((config.num_tasks, config.num_tasks), np.nan)
     task_masks, records, first = TaskMasks(), [], 0
     if resumed is not None:
         model.load_state_dict(resumed["model"])
-        task_masks = TaskMasks.from_state_dict(resumed["task_masks"], device)
+        task_masks = TaskMasks.from_state_dict(resumed["task_masks"], accel.device)
         acc = np.array(resumed["acc_matrix"], dtype=float)
         records, first = resumed["per_task"], resumed["tasks_done"]
         log.info("resuming %s after task %d of %d", out, first, config.num_tasks)
@@ -333,11 +411,15 @@ def _run(config: Config, resumed: dict[str, Any] | None, in_progress: dict[str, 
     for t in range(first, config.num_tasks):
         task = tasks[t]
         frozen = task_masks.frozen_before(t) if config.isolate else None
-        mask, record = train_task(model, task, frozen, config, device, in_progress, save_progress)
+        try:
+            mask, record = train_task(model, task, frozen, config, accel, in_progress, save_progress)
+        except NonFiniteLoss as stop:
+            write_results(config, accel, acc, records, stopped=str(stop))
+            raise
         in_progress = None
         if mask is not None:
             task_masks.add(mask)
-        acc[t] = evaluate_row(model, task_masks, tasks, test_loaders, t, config)
+        acc[t] = evaluate_row(model, task_masks, tasks, test_loaders, t, config, accel)
         record["test_acc"] = float(acc[t, t])
         records.append(record)
         log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s",
@@ -348,15 +430,28 @@ def _run(config: Config, resumed: dict[str, Any] | None, in_progress: dict[str, 
             "acc_matrix": acc.tolist(), "per_task": records, "tasks_done": t + 1,
         })
         (out / run_dir.PROGRESS_FILE).unlink(missing_ok=True)
+    return write_results(config, accel, acc, records)
 
+
+def write_results(config: Config, accel: Acceleration, acc: np.ndarray, records: list[dict[str, Any]],
+                  stopped: str | None = None) -> dict[str, Any]:
+    """results.json and report.txt of the tasks done so far; `stopped` says why a run ended early.
+
+    The metrics of a stopped run are those of its finished tasks, as if the run had had that many.
+    """
+    done = len(records)
+    metrics = summarize(acc[:done, :done]) if done else dict.fromkeys(METRIC_KEYS)
+    report = format_report(acc[:done, :done]) if done else "no task finished"
     results = {
+        "complete": stopped is None,
+        "tasks_done": done,
+        **({"stopped": stopped} if stopped else {}),
         "config": config.to_dict(),
         "acc_matrix": [[None if math.isnan(v) else v for v in row] for row in acc.tolist()],
-        **summarize(acc),
+        **metrics,
         "per_task": records,
-        "environment": run_dir.environment(device),
+        "environment": run_dir.environment(accel.device),
     }
-    run_dir.write_json(out / run_dir.RESULTS_FILE, results)
-    run_dir.write_text(out / run_dir.REPORT_FILE, format_report(acc) + "\n")
+    run_dir.write_json(config.output_dir / run_dir.RESULTS_FILE, results)
+    run_dir.write_text(config.output_dir / run_dir.REPORT_FILE, report + "\n")
     return results
-

@@ -1,0 +1,56 @@
+"""How a run uses its device beyond plain float32: autocast, memory format, torch.compile.
+
+| | CUDA | CPU (and other devices) |
+|---|---|---|
+| data sets resident on the device, batches cut there | always | always |
+| channels_last input batches | always | off |
+| bfloat16 autocast (`--amp`) | opt-in | off; `--amp` logs a notice |
+| `torch.compile` (`--compile`) | opt-in | opt-in |
+
+The weights stay in the default (contiguous) layout everywhere: the masks index them as flat
+tensors, and convolutions take channels_last inputs with such weights. Loss and accuracy are
+accumulated on the device, so the training loop never waits for the GPU within an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from utils.cli import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """The speed settings in effect for one run."""
+
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    compile: bool
+
+    @classmethod
+    def for_run(cls, config: Config) -> Acceleration:
+        device = torch.device(config.device)
+        cuda = device.type == "cuda"
+        if config.amp and not cuda:
+            log.warning("--amp: bfloat16 autocast is used on CUDA only; running in float32 on %s", device)
+        return cls(device=device, amp=config.amp and cuda, channels_last=cuda, compile=config.compile)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes: bfloat16 autocast with --amp, else nothing."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Compile `model` in place when asked (parameter names and state_dict keys unchanged)."""
+        if self.compile:
+            model.compile()
+        return model
