@@ -1,0 +1,209 @@
+"""utils.report: tables, CSV and figures of a folder of runs.
+
+The results.json files here are FABRICATED FIXTURES with made-up accuracies, written only to test
+the report's bookkeeping (grouping, mean/std, baselines, failed and unfinished runs); they are
+not results of any experiment. The report on real runs is tested in test_sweep.py.
+"""
+
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from utils import report
+
+BASE_CONFIG = {"dataset": "cifar100", "num_tasks": 3, "num_classes": 30, "num_classes_per_task": 10,
+               "sparse": True, "isolate": True, "sparse_init": "ERK", "growth": "random", "density": 0.2,
+               "update_frequency": 400, "epochs": 25, "seed": 0, "lr": 0.001, "device": "cpu",
+               "output_dir": "x", "max_batches": None}
+
+
+def fake_run(directory: Path, acc: float, bwt: float = 0.0, complete: bool | None = None, **settings) -> dict:
+    """Write a fabricated results.json (fixture): final-row accuracies averaging `acc`, and
+    capacity records of a run with the config's density that reuses 30 % of its mask."""
+    config = {**BASE_CONFIG, **settings}
+    tasks, density = config["num_tasks"], config["density"]
+    matrix = [[acc if j <= i else None for j in range(tasks)] for i in range(tasks)]
+    per_task, used = [], 0.0
+    for t in range(tasks):
+        record = {"task": t, "train_seconds": 1.0 + t, "test_acc": acc}
+        if config["sparse"]:
+            reused = min(used, 0.3 * density)
+            used = used + density - reused
+            record.update(density=density, capacity_used=used, capacity_reused=reused, capacity_free=1 - used)
+        per_task.append(record)
+    results = {"config": config, "acc_matrix": matrix, "acc": acc, "bwt": bwt, "fwt": 10.0, "forgetting": -bwt,
+               "per_task": per_task, "environment": {}}
+    if complete is not None:
+        results["complete"] = complete
+    directory.mkdir(parents=True)
+    (directory / "results.json").write_text(json.dumps(results))
+    return results
+
+
+# Made-up ACC values of the fixture grid: (init, growth, density) -> one value per seed.
+GRID_ACCS = {
+    ("ERK", "random", 0.2): [60.0, 62.0, 65.0],
+    ("ERK", "random", 0.1): [55.0, 56.5, 52.25],
+    ("ERK", "gradient", 0.2): [61.0, 61.5, 70.0],
+    ("ERK", "gradient", 0.1): [50.0, 51.0, 52.0],
+    ("uniform", "random", 0.2): [58.0, 57.0, 59.0],
+    ("uniform", "random", 0.1): [54.0, 53.0, 57.5],
+    ("uniform", "gradient", 0.2): [59.5, 60.5, 61.5],
+    ("uniform", "gradient", 0.1): [49.0, 44.0, 47.0],
+}
+
+
+@pytest.fixture
+def runs_dir(tmp_path) -> Path:
+    """A fixture sweep: the grid above with 3 seeds, baselines, one failed and two unfinished runs,
+    and a second benchmark with a single run."""
+    root = tmp_path / "runs"
+    for (init, growth, density), accs in GRID_ACCS.items():
+        for seed, acc in enumerate(accs):
+            fake_run(root / "grid" / f"{init}_{growth}_d{density}_s{seed}", acc,
+                     sparse_init=init, growth=growth, density=density, seed=seed)
+    for seed, (acc, bwt) in enumerate([(30.0, -40.0), (34.0, -38.0)]):
+        fake_run(root / "baselines" / f"dense_s{seed}", acc, bwt, sparse=False, isolate=False, seed=seed)
+    fake_run(root / "baselines" / "finetune", 40.0, -20.0, isolate=False)
+    for init, accs in (("ERK", [48.0, 46.0]), ("uniform", [45.0, 44.0])):
+        for density, acc in zip((0.2, 0.1), accs):
+            fake_run(root / "baselines" / f"static_{init}_{density}", acc, sparse_init=init, density=density,
+                     update_frequency=0)
+    fake_run(root / "grid" / "ERK_momentum_d0.2_s0", 99.0, complete=False, growth="momentum")
+    (root / "grid" / "uniform_momentum_d0.2_s0").mkdir()
+    (root / "grid" / "uniform_momentum_d0.2_s0" / "config.json").write_text(json.dumps(BASE_CONFIG))
+    (root / "grid" / "ERK_unfired_d0.2_s0").mkdir()
+    (root / "grid" / "ERK_unfired_d0.2_s0" / "checkpoint.pt").write_bytes(b"")
+    fake_run(root / "five_tasks" / "run", 70.0, num_tasks=5, num_classes=50)
+    return root
+
+
+def markdown_tables(text: str) -> dict[str, list[list[str]]]:
+    """Section title -> the rows of the table under it (header first), cells stripped."""
+    tables, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("|") and not line.startswith("|---"):
+            tables.setdefault(title, []).append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+def expected_cell(values: list[float]) -> str:
+    """The cell text, computed independently of the report."""
+    if len(values) == 1:
+        return f"{values[0]:.2f} (n=1)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def run_report(root: Path, *args: str) -> str:
+    assert report.main([str(root), *args]) == 0
+    return (root / "report.md").read_text() if "--out" not in args else ""
+
+
+def test_table_rows_columns_and_cells_match_the_results(runs_dir, capsys):
+    tables = markdown_tables(run_report(runs_dir, "--no-figures"))
+    table = tables["cifar100, 3 tasks x 10 classes"]
+    header, rows = table[0], {row[0]: row[1:] for row in table[1:]}
+    assert header == ["init + growth", "0 %", "80 %", "90 %", "BWT"]
+    assert list(rows) == ["ERK + random", "ERK + gradient", "uniform + random", "uniform + gradient",
+                          "static sparse: ERK", "static sparse: uniform", "sparse fine-tuning: ERK + random",
+                          "dense fine-tuning"]
+    for (init, growth, density), accs in GRID_ACCS.items():
+        column = header.index("80 %" if density == 0.2 else "90 %") - 1
+        assert rows[f"{init} + {growth}"][column] == expected_cell(accs)
+        assert rows[f"{init} + {growth}"][0] == ""  # no dense column for sparse runs
+    assert rows["ERK + random"][-1] == "0.00 ± 0.00"
+    assert rows["dense fine-tuning"] == [expected_cell([30.0, 34.0]), "", "",
+                                         f"{statistics.mean([-40, -38]):.2f} ± {statistics.stdev([-40, -38]):.2f}"]
+    assert rows["static sparse: uniform"][1:3] == ["45.00 (n=1)", "44.00 (n=1)"]
+    assert rows["sparse fine-tuning: ERK + random"][1:] == ["40.00 (n=1)", "", "-20.00"]
+    # the failed run (99 %) is not averaged in, the other benchmark has its own table
+    assert tables["cifar100, 5 tasks x 10 classes"][1] == ["ERK + random", "70.00 (n=1)", "0.00"]
+
+
+def test_failed_and_unfinished_runs_are_listed_not_dropped(runs_dir):
+    text = run_report(runs_dir, "--no-figures")
+    left_out = text.split("## Runs not in the tables", 1)[1]
+    assert "failed" in left_out and str(runs_dir / "grid" / "ERK_momentum_d0.2_s0") in left_out
+    for name in ("uniform_momentum_d0.2_s0", "ERK_unfired_d0.2_s0"):
+        assert f"unfinished (no results.json: still running, or stopped): `{runs_dir / 'grid' / name}`" in left_out
+    assert "35 runs found: 32 complete, 1 failed, 2 unfinished" in text
+
+
+def test_csv_has_one_row_per_run_with_its_status_settings_and_metrics(runs_dir):
+    run_report(runs_dir, "--no-figures")
+    rows = list(csv.DictReader(io.StringIO((runs_dir / "report.csv").read_text())))
+    assert len(rows) == 35
+    by_run = {Path(row["run"]).relative_to(runs_dir).as_posix(): row for row in rows}
+    row = by_run["grid/uniform_random_d0.1_s2"]
+    assert (row["status"], row["sparse_init"], row["growth"], row["seed"]) == ("complete", "uniform", "random", "2")
+    assert float(row["density"]) == 0.1 and float(row["sparsity_percent"]) == 90.0
+    assert float(row["acc"]) == 57.5 and float(row["task_seconds"]) == 2.0
+    assert row["table_row"] == "uniform + random"
+    assert float(row["capacity_used"]) == pytest.approx(0.1 + 0.07 + 0.07)
+    assert by_run["grid/ERK_momentum_d0.2_s0"]["status"] == "failed"
+    assert by_run["grid/uniform_momentum_d0.2_s0"]["status"] == "unfinished"
+    assert by_run["grid/uniform_momentum_d0.2_s0"]["acc"] == ""
+    assert by_run["baselines/dense_s1"]["sparsity_percent"] == "0.0"
+
+
+def test_a_table_mixing_settings_says_so(tmp_path):
+    fake_run(tmp_path / "a", 50.0, epochs=25)
+    fake_run(tmp_path / "b", 52.0, epochs=100, seed=1)
+    text = run_report(tmp_path, "--no-figures")
+    assert "the runs differ in epochs (25, 100)" in text
+    assert "| ERK + random | 51.00 ± 1.41 (n=2) | 0.00 ± 0.00 |" in text
+
+
+def test_capacity_stack_splits_the_backbone_into_parts_summing_to_one():
+    records = [{"capacity_used": 0.2, "capacity_reused": 0.0, "capacity_free": 0.8},
+               {"capacity_used": 0.35, "capacity_reused": 0.05, "capacity_free": 0.65}]
+    reused, new, earlier, free = report.capacity_stack(records)[1]
+    assert (reused, new, earlier, free) == pytest.approx((0.05, 0.15, 0.15, 0.65))
+    assert sum(report.capacity_stack(records)[0]) == pytest.approx(1.0)
+    assert report.capacity_stack([{"task": 0, "train_seconds": 1.0}]) is None  # dense run
+
+
+def test_figures_are_png_images(runs_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    assert report.main([str(runs_dir), "--out", str(out)]) == 0
+    figures = out / "figures"
+    heatmaps = sorted((figures / "acc_matrix").glob("*.png"))
+    assert len(heatmaps) == 33  # every run with a results.json, the failed one included
+    assert (figures / "acc_matrix" / "grid__ERK_random_d0.2_s0.png") in heatmaps
+    expected = [figures / "cifar100_3tasks_acc_vs_sparsity.png", figures / "cifar100_3tasks_capacity.png",
+                figures / "cifar100_5tasks_acc_vs_sparsity.png", figures / "cifar100_5tasks_capacity.png"]
+    for path in [heatmaps[0], *expected]:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width >= 250 and image.height >= 200, path
+    assert not list(out.rglob(".*tmp*"))  # no temporary files left
+    text = (out / "report.md").read_text()
+    assert "![cifar100_3tasks_capacity](figures/cifar100_3tasks_capacity.png)" in text
+    assert not (runs_dir / "report.md").exists()  # --out, not the runs folder
+
+
+def test_without_matplotlib_it_writes_the_tables_and_says_how_to_get_figures(runs_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert report.main([str(runs_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out and "pip install -r requirements-figures.txt" in out
+    assert (runs_dir / "report.md").is_file() and (runs_dir / "report.csv").is_file()
+    assert not (runs_dir / "figures").exists()
+    assert "pip install -r requirements-figures.txt" in (runs_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "missing", lambda p: p])
+def test_no_runs_is_a_one_line_error(tmp_path, capsys, make):
+    assert report.main([str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

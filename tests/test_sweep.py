@@ -1,0 +1,389 @@
+"""scripts/sweep.sh and scripts/sweep_slurm.sh: real tiny sweeps of cifar100.py (run, skip, resume,
+fail, SLURM array), the report on them, the commands they build, and the user errors they catch.
+
+The real runs read ../shared/data when present, else a generated CIFAR-100 stand-in (as in
+test_end_to_end.py). Tests of the scheduling itself (GPU pinning, runs at a time, interruption)
+use a stand-in entry script that only sleeps and writes a results.json: it is a test double for
+the sweep's bookkeeping, not a run.
+"""
+
+import csv
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_end_to_end import SHARED, write_fake_cifar
+from utils import report
+from utils.cli import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP, SWEEP_SLURM = ROOT / "scripts" / "sweep.sh", ROOT / "scripts" / "sweep_slurm.sh"
+GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PYTHON", "SLURM_ARRAY_TASK_ID")
+
+
+def tiny_flags(data_dir: Path, tasks: int = 2, max_batches: int = 3) -> list[str]:
+    """A run of a few seconds: `tasks` tasks of 2 classes, 1 epoch of `max_batches` batches."""
+    return ["--data_dir", str(data_dir), "--no-download", "--num_tasks", str(tasks), "--num_classes", str(2 * tasks),
+            "--num_classes_per_task", "2", "--epochs", "1", "--max_batches", str(max_batches), "--device", "cpu",
+            "--update_frequency", "2"]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """This environment without grid settings; no GPUs; one thread per run (runs go in parallel)."""
+    env = {k: v for k, v in os.environ.items() if k not in GRID_ENV}
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_script(script: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *map(str, args)], env=env or environment(), capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def results(directory: Path) -> dict:
+    return json.loads((directory / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    if (SHARED / "cifar-100-python" / "train").is_file():
+        return SHARED
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, {"train": 250, "test": 100})
+    return root
+
+
+GRID = ["--densities", "0.2,0.1", "--growths", "random,unfired", "--inits", "ERK", "--seeds", "0"]
+POINTS = ["ERK_random_d0.2_s0", "ERK_unfired_d0.2_s0", "ERK_random_d0.1_s0", "ERK_unfired_d0.1_s0"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real 2 x 2 sweep (densities x growths), two runs at a time."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    done = run_script(SWEEP, "-j", "2", *GRID, "--out", out, "--", "cifar100.py", *tiny_flags(data_dir))
+    return out, done
+
+
+# ---- local sweep: run, skip, resume, fail ----------------------------------------------------
+
+def test_the_sweep_runs_every_point_two_at_a_time(swept):
+    out, done = swept
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "4 points" in lines[0] and "2 at a time" in lines[0]
+    assert "start" in lines[1] and "start" in lines[2]  # the second starts before the first ends
+    assert lines[-1].endswith("4 succeeded, 0 failed, 0 skipped (already complete)")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*POINTS, "logs", "sweep_flags.txt"])
+    for name in POINTS:
+        init, growth, density, seed = name.split("_")
+        config = results(out / name)["config"]
+        assert results(out / name).get("complete", True)
+        assert (config["sparse_init"], config["growth"], config["density"], config["seed"]) == (
+            init, growth, float(density[1:]), int(seed[1:]))
+        assert config["num_tasks"] == 2 and config["epochs"] == 1 and config["max_batches"] == 3
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert log.count("==== ") == 1 and "results written to" in log
+
+
+def test_a_second_sweep_skips_every_complete_point(swept, data_dir):
+    out, _ = swept
+    again = run_script(SWEEP, "-j", "2", *GRID, "--out", out, "--", "cifar100.py", *tiny_flags(data_dir))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("] skip ") == 4 and "start" not in again.stdout
+    assert again.stdout.splitlines()[-1].endswith("0 succeeded, 0 failed, 4 skipped (already complete)")
+    for name in POINTS:
+        assert (out / "logs" / f"{name}.log").read_text().count("==== ") == 1  # not run again
+
+
+def test_a_killed_run_is_resumed_by_the_next_sweep(tmp_path, data_dir):
+    out, point = tmp_path / "sweep", tmp_path / "sweep" / "uniform_gradient_d0.1_s0"
+    args = ["--densities", "0.1", "--growths", "gradient", "--inits", "uniform", "--out", out, "--",
+            "cifar100.py", *tiny_flags(data_dir, tasks=3, max_batches=4)]
+    first = subprocess.Popen(["bash", str(SWEEP), *map(str, args)], env=environment(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (point / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the sweep and its run, as if the machine went down
+        first.wait()
+    assert (point / "checkpoint.pt").exists() and not (point / "results.json").exists()
+
+    second = run_script(SWEEP, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resume   uniform_gradient_d0.1_s0" in second.stdout
+    assert second.stdout.splitlines()[-1].endswith("1 succeeded, 0 failed, 0 skipped (already complete)")
+    log = (out / "logs" / "uniform_gradient_d0.1_s0.log").read_text()
+    assert log.count("==== ") == 2 and "resuming" in log.split("==== ")[-1]
+    finished = results(point)
+    assert len(finished["acc_matrix"]) == 3 and len(finished["per_task"]) == 3
+
+
+def test_a_failing_run_fails_the_sweep_and_is_listed(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    flags = tiny_flags(data_dir)
+    flags[flags.index("--data_dir") + 1] = str(tmp_path / "no_data_here")
+    done = run_script(SWEEP, "--densities", "0.2", "--growths", "random", "--inits", "ERK", "--out", out,
+                      "--", "cifar100.py", *flags)
+    assert done.returncode == 1
+    assert "FAILED   ERK_random_d0.2_s0" in done.stdout
+    assert done.stdout.splitlines()[-2].endswith("0 succeeded, 1 failed, 0 skipped (already complete)")
+    assert done.stdout.splitlines()[-1].startswith("failed: ERK_random_d0.2_s0 (exit 2, log: ")
+    assert "error:" in (out / "logs" / "ERK_random_d0.2_s0.log").read_text()
+
+
+def test_a_run_that_stopped_early_counts_as_failed_and_is_retried_only_on_request(tmp_path):
+    out = tmp_path / "sweep"
+    (out / "ERK_random_d0.2_s0").mkdir(parents=True)
+    (out / "ERK_random_d0.2_s0" / "results.json").write_text('{"config": {}, "complete": false}')
+    grid = ["--densities", "0.2", "--growths", "random", "--inits", "ERK", "--out", out]
+    done = run_script(SWEEP, *grid, "--", "cifar100.py")
+    assert done.returncode == 1 and "stopped early" in done.stdout
+    assert not (out / "logs").exists()  # not run
+    retry = run_script(SWEEP, *grid, "--retry-failed", "--dry-run", "--", "cifar100.py")
+    assert retry.returncode == 0
+    command = shlex.split(retry.stdout.splitlines()[1].split(": ", 1)[1])
+    assert command[-1] == "--overwrite" and "--resume" not in command
+
+
+# ---- SLURM array -----------------------------------------------------------------------------
+
+def test_each_slurm_array_task_runs_its_point_as_the_local_sweep_does(swept, tmp_path, data_dir):
+    local, _ = swept
+    out = tmp_path / "array"
+    args = ["--densities", "0.2", "--growths", "random,unfired", "--inits", "ERK", "--out", out, "--",
+            "cifar100.py", *tiny_flags(data_dir)]
+    shutil.copytree(local / POINTS[0], out / POINTS[0])  # point 0 is complete: its task skips it
+    skipped = run_script(SWEEP_SLURM, *args, env=environment(SLURM_ARRAY_TASK_ID="0"))
+    assert skipped.returncode == 0 and f"point 0 {POINTS[0]}: skip (complete)" in skipped.stdout
+    assert not (out / "logs").exists()
+    done = run_script(SWEEP_SLURM, *args, env=environment(SLURM_ARRAY_TASK_ID="1"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"point 1 {POINTS[1]}: done" in done.stdout
+    assert "results written to" in (out / "logs" / f"{POINTS[1]}.log").read_text()
+    # the same settings and seed as the local sweep's point: the same numbers, bit for bit
+    assert results(out / POINTS[1])["acc_matrix"] == results(local / POINTS[1])["acc_matrix"]
+    outside = run_script(SWEEP_SLURM, *args, env=environment(SLURM_ARRAY_TASK_ID="2"))
+    assert outside.returncode == 2 and "outside the grid (0-1)" in outside.stderr
+
+
+def test_slurm_dry_run_prints_the_sbatch_command_and_the_grid(tmp_path):
+    out = tmp_path / "array"
+    done = run_script(SWEEP_SLURM, "--dry-run", "--partition", "gpu-a100", "--gpus", "2", "--time", "12:00:00",
+                      "--max-running", "3", "--sbatch-arg=--account=cl", *GRID, "--out", out,
+                      "--", "cifar100.py", "--epochs", "25", env=environment(SWEEP_MEM="32G"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    sbatch = shlex.split(lines[0])
+    assert sbatch[0] == "sbatch" and "--array=0-3%3" in sbatch
+    for option in ("--partition=gpu-a100", "--gres=gpu:2", "--time=12:00:00", "--mem=32G", "--account=cl"):
+        assert option in sbatch
+    script_at = sbatch.index(str(SWEEP_SLURM))
+    assert sbatch[script_at + 1:] == ["--densities", "0.2,0.1", "--inits", "ERK", "--growths", "random,unfired",
+                                      "--seeds", "0", "--out", str(out), "--", str(ROOT / "cifar100.py"),
+                                      "--epochs", "25"]
+    assert lines[1].startswith("grid: 4 points")
+    assert [line.split()[:3] for line in lines[2:]] == [[str(i), "new", f"{name}:"] for i, name in enumerate(POINTS)]
+    assert not out.exists()  # a dry run creates nothing
+
+
+def test_slurm_submission_without_sbatch_is_a_user_error(tmp_path):
+    if shutil.which("sbatch"):
+        pytest.skip("sbatch is installed here")
+    done = run_script(SWEEP_SLURM, *GRID, "--out", tmp_path / "x", "--", "cifar100.py")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "sbatch not found" in done.stderr
+
+
+# ---- the report on the real sweep ------------------------------------------------------------
+
+def test_the_report_tables_the_sweep(swept, tmp_path, capsys):
+    out, _ = swept
+    assert report.main([str(out), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| init + growth | 80 % | 90 % | BWT |"
+    for line, growth in zip(lines[1:], ("random", "unfired")):
+        accs = [results(out / f"ERK_{growth}_d{d}_s0")["acc"] for d in ("0.2", "0.1")]
+        assert line == f"| ERK + {growth} | {accs[0]:.2f} (n=1) | {accs[1]:.2f} (n=1) | 0.00 ± 0.00 |"
+    assert len(lines) == 3
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())))
+    assert sorted(Path(row["run"]).name for row in rows) == sorted(POINTS)
+    assert {row["status"] for row in rows} == {"complete"}
+    if report.load_pyplot() is not None:
+        assert len(list((tmp_path / "figures" / "acc_matrix").glob("*.png"))) == 4
+
+
+# ---- commands, scheduling and user errors (no real runs) -------------------------------------
+
+def commands(stdout: str) -> list[list[str]]:
+    """The commands of a --dry-run listing."""
+    return [shlex.split(line.split(": ", 1)[1]) for line in stdout.splitlines()[1:]]
+
+
+def test_every_command_of_the_grid_parses_to_its_point(tmp_path):
+    done = run_script(SWEEP, "--dry-run", "--seeds", "0,1", "--out", tmp_path, "--", "cifar100.py",
+                      "--num_tasks", "5", "--num_classes", "100", "--num_classes_per_task", "20",
+                      "--update_frequency", "100", env=environment(DENSITIES="0.2,0.1,0.05", INITS="ERK"),
+                      cwd=tmp_path)  # the entry script is found in the project root
+    assert done.returncode == 0, done.stderr
+    configs = [parse_config(argv[2:], "cifar100") for argv in commands(done.stdout)]
+    assert all(argv[:2] == [sys.executable, str(ROOT / "cifar100.py")] for argv in commands(done.stdout))
+    assert len(configs) == 3 * 1 * 4 * 2
+    assert {(c.density, c.sparse_init, c.growth, c.seed) for c in configs} == {
+        (d, "ERK", g, s) for d in (0.2, 0.1, 0.05) for g in ("random", "unfired", "momentum", "gradient")
+        for s in (0, 1)}
+    assert {(c.num_tasks, c.update_frequency) for c in configs} == {(5, 100)}
+    assert all(c.resume and c.output_dir.parent == tmp_path for c in configs)
+    assert len({c.output_dir for c in configs}) == len(configs)
+    assert [c.seed for c in configs] == [0] * 12 + [1] * 12  # seeds vary slowest
+
+
+def test_the_default_sweep_folder_names_the_script_and_the_tasks():
+    done = run_script(SWEEP, "--dry-run", "--densities", "0.2", "--growths", "random", "--inits", "ERK",
+                      "--", "miniImageNet100.py", "--num_tasks=10", env=environment(INITS="uniform", SEEDS="4"))
+    assert done.stdout.count("\n") == 2  # the header and one point: options override the environment
+    assert "--output_dir runs/sweep-miniImageNet100-10tasks/ERK_random_d0.2_s4 --resume" in done.stdout
+
+
+FAKE_ENTRY = '''"""Test double of an entry script: writes its pid, sleeps, records its GPU and arguments."""
+import json, os, sys, time
+out = sys.argv[sys.argv.index("--output_dir") + 1]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "pid"), "w").write(str(os.getpid()))
+start = time.time()
+time.sleep(float(os.environ["FAKE_SECONDS"]))
+record = {"start": start, "end": time.time(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": sys.argv}
+json.dump(record, open(os.path.join(out, "results.json"), "w"))
+'''
+
+
+@pytest.fixture
+def fake_entry(tmp_path) -> Path:
+    path = tmp_path / "fake_entry.py"
+    path.write_text(FAKE_ENTRY)
+    return path
+
+
+def fake_gpus(tmp_path: Path, count: int) -> str:
+    """A PATH whose nvidia-smi lists `count` GPUs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    listing = "".join(f"GPU {i}: Fake GPU (UUID: GPU-{i})\\n" for i in range(count))
+    (bin_dir / "nvidia-smi").write_text(f'#!/bin/sh\nprintf "{listing}"\n')
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def max_overlap(records: list[dict]) -> int:
+    """The largest number of runs that were running at the same moment."""
+    return max(sum(r["start"] <= s["start"] < r["end"] for r in records) for s in records)
+
+
+@pytest.mark.parametrize("visible,expected_gpus", [(None, {"0", "1"}), ("3,5", {"3", "5"})])
+def test_one_run_per_gpu_each_pinned_to_its_gpu(tmp_path, fake_entry, visible, expected_gpus):
+    env = environment(PATH=fake_gpus(tmp_path, 2), FAKE_SECONDS="1.5")
+    if visible is None:
+        del env["CUDA_VISIBLE_DEVICES"]  # detect with nvidia-smi
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    done = run_script(SWEEP, *GRID, "--out", tmp_path / "out", "--", fake_entry, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "2 at a time" in done.stdout
+    records = [results(tmp_path / "out" / name) for name in POINTS]
+    assert {r["gpu"] for r in records} == expected_gpus
+    assert max_overlap(records) == 2
+    for r in records:  # the runs at the same time are on different GPUs
+        assert all(s["gpu"] != r["gpu"] for s in records if s is not r and r["start"] <= s["start"] < r["end"])
+
+
+def test_without_gpus_one_run_at_a_time_unless_told(tmp_path, fake_entry):
+    done = run_script(SWEEP, *GRID, "--out", tmp_path / "out", "--", fake_entry,
+                      env=environment(FAKE_SECONDS="0.3"))
+    assert done.returncode == 0 and "1 at a time, no GPU" in done.stdout
+    records = [results(tmp_path / "out" / name) for name in POINTS]
+    assert max_overlap(records) == 1 and {r["gpu"] for r in records} == {""}
+    done = run_script(SWEEP, *GRID, "--out", tmp_path / "out3", "--", fake_entry,
+                      env=environment(FAKE_SECONDS="1.5", JOBS="3"))
+    assert done.returncode == 0 and max_overlap([results(tmp_path / "out3" / n) for n in POINTS]) == 3
+
+
+def test_a_sweep_folder_refuses_other_flags_for_every_run(tmp_path, fake_entry):
+    out, env = tmp_path / "out", environment(FAKE_SECONDS="0")
+    assert run_script(SWEEP, *GRID, "--out", out, "--", fake_entry, "--epochs", "5", env=env).returncode == 0
+    done = run_script(SWEEP, *GRID, "--out", out, "--", fake_entry, "--epochs", "6", env=env)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"{out} was swept with other flags (fake_entry.py --epochs 5)" in done.stderr
+    slurm = run_script(SWEEP_SLURM, *GRID, "--out", out, "--dry-run", "--", fake_entry, "--epochs", "6", env=env)
+    assert slurm.returncode == 2 and "was swept with other flags" in slurm.stderr
+    again = run_script(SWEEP, *GRID, "--out", out, "--", fake_entry, "--epochs", "5", env=env)
+    assert again.returncode == 0 and "4 skipped" in again.stdout
+
+
+def test_an_interrupted_sweep_stops_its_runs(tmp_path, fake_entry):
+    out = tmp_path / "out"
+    sweep = subprocess.Popen(["bash", str(SWEEP), "-j", "2", *GRID, "--out", str(out), "--", str(fake_entry)],
+                             env=environment(FAKE_SECONDS="60"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    pid_files = [out / name / "pid" for name in POINTS[:2]]
+    deadline = time.monotonic() + 30
+    while not all(p.exists() and p.read_text() for p in pid_files) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGTERM)
+    stdout, _ = sweep.communicate(timeout=30)
+    assert sweep.returncode == 130
+    assert "0 succeeded, 0 failed, 0 skipped" in stdout
+    assert "interrupted: stopped 2 run(s) (ERK_random_d0.2_s0 ERK_unfired_d0.2_s0)" in stdout
+    for path in pid_files:
+        stat = Path(f"/proc/{path.read_text()}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z"  # gone (or a zombie)
+
+
+@pytest.mark.parametrize("args", [
+    ["--bogus", "--", "cifar100.py"],
+    ["cifar100.py"],
+    ["--densities", "0.2"],
+    ["--"],
+    ["--", "--num_tasks", "2"],
+    ["-j", "0", "--", "cifar100.py"],
+    ["-j", "two", "--", "cifar100.py"],
+    ["-j"],
+    ["--out"],
+    ["--densities", "--", "cifar100.py"],
+    ["--inits", "ERK,bogus", "--", "cifar100.py"],
+    ["--densities", "0.2,high", "--", "cifar100.py"],
+    ["--", "cifar100.py", "--seed", "3"],
+    ["--", "cifar100.py", "--output_dir=x"],
+    ["--", "no_such_script.py"],
+])
+def test_a_usage_mistake_is_one_line_and_exit_2(args):
+    done = run_script(SWEEP, *args)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith("sweep.sh: ") and done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["--gpus", "x", "--", "cifar100.py"], ["--", "cifar100.py", "--resume"],
+                                  ["--partition"], ["-j", "2", "--", "cifar100.py"]])
+def test_a_slurm_usage_mistake_is_one_line_and_exit_2(args):
+    done = run_script(SWEEP_SLURM, "--dry-run", *args)
+    assert done.returncode == 2 and done.stderr.startswith("sweep_slurm.sh: ") and done.stderr.count("\n") == 1
+
+
+def test_the_scripts_are_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh"))
+    done = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout
