@@ -126,7 +126,8 @@ class Masking:
         self.fired: dict[str, torch.Tensor] = {}
         self.trainable: dict[str, torch.Tensor] = {}
         self._stored: dict[str, torch.Tensor] = {}  # earlier tasks' values where frozen, else 0
-        self._fixed: dict[str, torch.Tensor] = {}  # what non-trainable entries must hold
+        self._fixed: dict[str, torch.Tensor] = {}  # what non-trainable entries must hold (kept for
+        # optimizers that are restored after every step; the others compute it when needed)
         self._active: dict[str, torch.Tensor] = {}  # flat indices of each mask's entries
         self._fired_count: dict[str, int] = {}  # entries of `fired`, counted on the host (unfired growth)
         self._momentum: dict[str, list[torch.Tensor]] = {}  # dense gradient averages (growth)
@@ -134,7 +135,7 @@ class Masking:
         self.generator: torch.Generator | None = None
         self._masks_gradients = False  # else: restore every non-trainable weight after the step
         self._decays_weights = False
-        self._reused: dict[str, torch.Tensor] = {}  # flat indices of mask & frozen
+        self._reused: dict[str, torch.Tensor] = {}  # flat indices of mask & frozen, with weight decay only
 
     # ------------------------------------------------------------------ set-up
 
@@ -201,17 +202,28 @@ class Masking:
         """Recompute the derived per-layer tensors from mask and frozen, and apply them."""
         mask, frozen = self.masks[name], self.frozen[name]
         self.trainable[name] = mask & ~frozen
-        self._fixed[name] = torch.where(mask & frozen, self._stored[name], 0.0)
+        if not self._masks_gradients:
+            self._fixed[name] = self._fixed_values(name)
         self._active[name] = mask.view(-1).nonzero_static(size=self.counts[name]).squeeze(1)
         self._fired_count[name] = int(self.fired[name].sum())
-        self._reused[name] = (mask & frozen).view(-1).nonzero().squeeze(1)
+        self._update_reused(name)
         self._enforce(name)
+
+    def _update_reused(self, name: str) -> None:
+        """Flat indices of the frozen weights in the mask, which weight decay would move."""
+        if self._decays_weights:
+            self._reused[name] = (self.masks[name] & self.frozen[name]).view(-1).nonzero().squeeze(1)
+
+    def _fixed_values(self, name: str) -> torch.Tensor:
+        """What the non-trainable entries hold: the stored value where frozen and in the mask, else 0."""
+        return torch.where(self.masks[name] & self.frozen[name], self._stored[name], 0.0)
 
     def _enforce(self, name: str) -> None:
         """Non-trainable entries: fixed weight values and zero optimizer state."""
         p, trainable = self.params[name], self.trainable[name]
+        fixed = self._fixed[name] if name in self._fixed else self._fixed_values(name)
         with torch.no_grad():
-            torch.where(trainable, p, self._fixed[name], out=p)
+            torch.where(trainable, p, fixed, out=p)
         for value in self._weight_states(p):
             value.mul_(trainable.view(torch.uint8))  # uint8 multiplies twice as fast as bool
 
@@ -234,19 +246,20 @@ class Masking:
         zero, or at their stored value when an earlier task owns them. A weight pruned and
         regrown in the same update starts afresh too.
         """
-        p = self.params[name].view(-1)
-        trainable, fixed = self.trainable[name].view(-1), self._fixed[name].view(-1)
+        p, trainable = self.params[name].view(-1), self.trainable[name].view(-1)
+        fixed = self._fixed[name].view(-1) if name in self._fixed else None
         trainable.index_fill_(0, pruned, False)
-        fixed.index_fill_(0, pruned, 0.0)
         p.index_fill_(0, pruned, 0.0)
         for value in self._weight_states(self.params[name]):
             value.view(-1).index_fill_(0, pruned, 0.0)  # grown entries' state is zero already
         grown_frozen = self.frozen[name].view(-1).index_select(0, grown)
         values = torch.where(grown_frozen, self._stored[name].view(-1).index_select(0, grown), 0.0)
         trainable.index_copy_(0, grown, ~grown_frozen)
-        fixed.index_copy_(0, grown, values)
         p.index_copy_(0, grown, values)
-        self._reused[name] = (self.masks[name] & self.frozen[name]).view(-1).nonzero().squeeze(1)
+        if fixed is not None:
+            fixed.index_fill_(0, pruned, 0.0)
+            fixed.index_copy_(0, grown, values)
+        self._update_reused(name)
 
     # ------------------------------------------------------------------ training
 
@@ -312,12 +325,18 @@ class Masking:
         if self.growth == "random":  # uniform among the inactive: sampled, no score per weight
             free = mask.numel() - self.counts[name] + k
             return random_free_indices(mask, k, free, self.generator)
-        if self.growth == "unfired":
+        if self.growth == "unfired":  # never-fired weights first (all inactive), uniformly
+            fired = self.fired[name].view(-1)
             unfired = mask.numel() - self._fired_count[name]
-            self._fired_count[name] += min(k, unfired)  # every unfired weight goes first
-            if unfired >= k:  # the never-fired weights are all inactive: sample among them
-                return random_free_indices(self.fired[name].view(-1), k, unfired, self.generator)
-        return top_indices(self.growth_scores(name).view(-1).masked_fill(mask, float("-inf")), k)
+            self._fired_count[name] += min(k, unfired)
+            if unfired >= k:
+                return random_free_indices(fired, k, unfired, self.generator)
+            # all of them, and the rest uniformly among the inactive weights that have fired
+            taken = mask | ~fired
+            inactive_fired = mask.numel() - (self.counts[name] - k) - unfired
+            rest = random_free_indices(taken, k - unfired, inactive_fired, self.generator)
+            return torch.cat([(~fired).nonzero().squeeze(1), rest])
+        return top_indices(self.growth_scores(name).view(-1), k, exclude=mask)
 
     def growth_scores(self, name: str) -> torch.Tensor:
         """Scores for growing weights into layer `name`; the largest inactive ones grow.
@@ -325,8 +344,8 @@ class Masking:
         - random: uniform noise (an update samples the inactive weights directly instead:
           the same distribution without a score per weight);
         - unfired: uniform noise, minus 2 on weights that have been in this task's mask (so
-          the never-fired ones all come first; while there are k of them, an update samples
-          among them directly);
+          the never-fired ones all come first; an update samples the same way directly:
+          k of the never-fired, or all of them and the rest among the inactive fired ones);
         - momentum: |m / (sqrt(v) + 1e-8)| of dense running gradient averages with the
           optimizer's betas (Adam), or |momentum buffer| of the dense gradient (SGD);
         - gradient: |dense gradient| of the current batch.
@@ -342,8 +361,8 @@ class Masking:
                 return self._dense_grad[name]
             return p.grad.abs() if p.grad is not None else torch.zeros_like(p)
         averages = self._momentum[name]
-        if len(averages) == 2:
-            return averages[0].abs() / (averages[1].sqrt() + 1e-8)
+        if len(averages) == 2:  # |m| / (sqrt(v) + 1e-8), in two buffers instead of four
+            return averages[0].abs().div_(averages[1].sqrt().add_(1e-8))
         return averages[0].abs()
 
     def _new_momentum(self) -> dict[str, list[torch.Tensor]]:

@@ -2,8 +2,8 @@
 
 `torch.topk` over a 2.4 M-entry layer takes about 40 ms on a 2-core CPU whatever k is.
 A prune-and-grow cycle needs tens of thousands of winners per layer, so instead we read
-a threshold off a strided sample, keep the entries at or above it (a few percent of the
-layer), and run `topk` on those. The answer is exact: when the threshold lets through
+a threshold off a strided sample, keep the entries at or above it (a few percent more than
+k), and run `topk` on those. The answer is exact: when the threshold lets through
 fewer than k entries we fall back to a full `topk`.
 """
 
@@ -14,26 +14,53 @@ import torch
 SAMPLE_SIZE = 8192
 
 
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the `k` largest entries of the 1-D tensor `scores` (ties broken by topk)."""
+def sample_stride(n: int) -> int:
+    """About n / SAMPLE_SIZE, but coprime to 2, 3 and 7, so that a strided sample of a flattened
+    conv weight (channels in powers of two, 3x3 or 7x7 kernels) visits every kernel position
+    and channel alike, instead of one kernel position of every 32nd input channel, whose values
+    may not be typical of the layer (the threshold would then miss and fall back to a full topk)."""
+    stride = max(1, n // SAMPLE_SIZE)
+    while stride > 1 and math.gcd(stride, 42) != 1:
+        stride -= 1
+    return stride
+
+
+def top_indices(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat indices of the `k` largest entries of the 1-D tensor `scores` (ties broken by topk),
+    leaving out the entries where the bool tensor `exclude` is True (there must be k others)."""
     n = scores.numel()
-    if k >= n:
-        return torch.arange(n, device=scores.device)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
     if n <= 4 * SAMPLE_SIZE:
-        return torch.topk(scores, k, sorted=False).indices
-    sample = scores[:: n // SAMPLE_SIZE]
+        return _full_topk(scores, k, exclude)
+    stride = sample_stride(n)
+    sample = scores[::stride]
+    eligible = n
+    if exclude is not None:
+        full = sample.numel()
+        sample = sample[~exclude[::stride]]
+        eligible = n * sample.numel() // full  # an estimate: it only sets how far to reach
     m = sample.numel()
+    if k >= eligible or m == 0:
+        return _full_topk(scores, k, exclude)
     # Ask for a few percent more than k so that sampling noise rarely forces the fallback.
-    rank = math.ceil((1.05 * k + 4 * math.sqrt(k) + 16) * m / n)
+    rank = math.ceil((1.05 * k + 4 * math.sqrt(k) + 16) * m / eligible)
     if rank >= m // 2:
-        return torch.topk(scores, k, sorted=False).indices
+        return _full_topk(scores, k, exclude)
     threshold = torch.kthvalue(sample, m - rank + 1).values
-    candidates = (scores >= threshold).nonzero().squeeze(1)
+    above = scores >= threshold
+    if exclude is not None:
+        above &= ~exclude
+    candidates = above.nonzero().squeeze(1)
     if candidates.numel() < k:
-        return torch.topk(scores, k, sorted=False).indices
-    return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
+        return _full_topk(scores, k, exclude)
+    return candidates.index_select(0, torch.topk(scores.index_select(0, candidates), k, sorted=False).indices)
+
+
+def _full_topk(scores: torch.Tensor, k: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    return torch.topk(scores, min(k, scores.numel()), sorted=False).indices
 
 
 def random_free_indices(taken: torch.Tensor, k: int, free: int, generator: torch.Generator) -> torch.Tensor:

@@ -6,11 +6,22 @@ import torch
 from sparselearning.selection import SAMPLE_SIZE, random_free_indices, top_indices
 
 
-@pytest.mark.parametrize("n,k", [(50, 7), (4 * SAMPLE_SIZE + 1, 1), (200_000, 3_000), (200_000, 150_000)])
+@pytest.mark.parametrize("n,k", [(50, 7), (4 * SAMPLE_SIZE + 1, 1), (200_000, 3_000), (200_000, 100_000),
+                                 (200_000, 150_000), (500_000, 499_990), (470_000, 235_000)])
 def test_top_indices_is_exact_topk(n, k):
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(n, generator=g)
     scores[torch.randperm(n, generator=g)[: n // 3]] = float("-inf")  # excluded entries, as in growth
+    got = top_indices(scores, k)
+    assert got.numel() == k and torch.unique(got).numel() == k
+    assert torch.equal(torch.sort(scores[got]).values, torch.sort(torch.topk(scores, k).values).values)
+
+
+@pytest.mark.parametrize("k", [1000, 150_000, 299_000])
+def test_top_indices_with_ties_at_the_threshold_is_still_exact(k):
+    """Many equal values around the k-th: the bracket's edges fall on ties."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 20, (300_000,), generator=g).float()
     got = top_indices(scores, k)
     assert got.numel() == k and torch.unique(got).numel() == k
     assert torch.equal(torch.sort(scores[got]).values, torch.sort(torch.topk(scores, k).values).values)

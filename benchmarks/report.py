@@ -1,0 +1,99 @@
+"""Targets, the rows of the printed table and what each measurement family hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound on one figure: `value <= bound`, or `value >= bound` when `at_least`; shown
+    divided by `scale`, followed by `unit`."""
+
+    bound: float
+    at_least: bool = False
+    unit: str = ""
+    scale: float = 1.0
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.at_least else value <= self.bound
+
+    def __str__(self) -> str:
+        return f"{'>=' if self.at_least else '<='} {self.bound / self.scale:g}{self.unit}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": ">=" if self.at_least else "<=", "value": self.bound}
+
+
+# The JSON key of each headline figure and the target it must meet (on a 2-core CPU).
+TARGETS: dict[str, Target] = {
+    "data_speedup": Target(10, at_least=True, unit="x"),
+    "step_overhead": Target(1.03),
+    "topology_ms": Target(100, unit=" ms"),
+    "epoch_overhead": Target(1.10),
+    "eval_overhead": Target(1.15),
+    "mask_bytes_per_task": Target(1.5e6, unit=" MB", scale=1e6),
+    "rss_growth_per_task_mb": Target(2, unit=" MB"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table. `checked` is the number held against the target of `key`
+    (the ratio for relative figures, ours for absolute ones); rows without a key only inform."""
+
+    measurement: str
+    ours: str
+    baseline: str = "-"
+    ratio: float | None = None
+    key: str | None = None
+    checked: float | None = None
+
+    @property
+    def target(self) -> Target | None:
+        return TARGETS[self.key] if self.key else None
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None or self.checked is None:
+            return ""
+        return "pass" if self.target.met(self.checked) else "FAIL"
+
+
+@dataclass
+class Result:
+    """What one measurement family found: table rows and the figures for the JSON file."""
+
+    rows: list[Row] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("measurement", "ours", "baseline", "ratio", "target", "pass/fail")
+    cells = [header] + [
+        (r.measurement, r.ours, r.baseline, "-" if r.ratio is None else f"{r.ratio:.3f}",
+         str(r.target) if r.target else "-", r.verdict)
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row]) -> dict[str, bool]:
+    """Per target key: whether every row checked against it met it."""
+    passed: dict[str, bool] = {}
+    for row in rows:
+        if row.verdict:
+            passed[row.key] = passed.get(row.key, True) and row.verdict == "pass"
+    return passed
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
