@@ -1,7 +1,8 @@
 """The tensor batch loader: the whole split lives on the device as one uint8 tensor.
 
 Batches are cut with tensor ops; training batches are shuffled and augmented (random crop with
-zero padding, horizontal flip) batch-wise, so loading never becomes the bottleneck.
+zero padding, horizontal flip) by one gather per batch from a view of every crop of every image,
+so loading never becomes the bottleneck.
 """
 
 import math
@@ -58,6 +59,8 @@ class TensorLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = torch.device(device)
         self.images = split.images.to(self.device).contiguous()
+        if train:  # every crop and flip of every image, as a view: a batch is then one gather
+            self._windows = augmentation_windows(self.images, pad)
         self.labels = split.labels.to(self.device, torch.int64)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -98,26 +101,20 @@ class TensorLoader:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.labels), self.batch_size):
             part = slice(start, start + self.batch_size)
-            idx = order[part]
-            images = crop_and_flip(self.images[idx], dy[part], dx[part], flip[part], self.pad)
+            idx, f = order[part], flip[part]
+            # the flipped copy's window at 2*pad - dx is the flip of the window at dx
+            images = self._windows[f.long(), idx, :, dy[part], torch.where(f, 2 * self.pad - dx[part], dx[part])]
             yield self._normalize(images), self.labels[idx]
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self._shift, images, self._scale).contiguous(memory_format=self.memory_format)
 
 
-def crop_and_flip(
-    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int
-) -> torch.Tensor:
-    """Crop each sample of the zero-padded batch at (dy, dx) in [0, 2*pad]; flip it where `flip`.
-
-    Output pixel (i, j) of sample b is padded[b, :, dy[b] + i, dx[b] + j'] with j' = W-1-j when
-    flipped, else j: two gathers, no loop over samples.
+def augmentation_windows(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """All random crops and flips of `images` [N, C, H, W] as one strided view
+    [2, N, C, 2*pad+1, 2*pad+1, H, W]: [0] crops of the zero-padded images, [1] crops of their
+    horizontally flipped copies, at every (dy, dx) offset. Costs two padded copies, no more.
     """
-    b, c, h, w = images.shape
+    h, w = images.shape[2:]
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
-    rows = dy[:, None] + torch.arange(h, device=images.device)  # [B, H]
-    j = torch.arange(w, device=images.device)
-    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - j, j)  # [B, W]
-    picked_rows = padded.gather(2, rows[:, None, :, None].expand(b, c, h, padded.shape[3]))
-    return picked_rows.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    return torch.stack([padded, padded.flip(3)]).unfold(3, h, 1).unfold(4, w, 1)
