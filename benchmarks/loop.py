@@ -14,7 +14,7 @@ fixed batch, timed as one block, i.e. batches x the mean bare step. The two alte
 bare steps are warmed up first, train_task is not (every task of a run starts cold too).
 `epoch_loop_seconds` is train_task's own `train_seconds`: its epoch loop without the set-up.
 
-`eval_overhead`: `utils.train.evaluate_row` for the last row of a 10-task run (every task's
+`eval_overhead`: `utils.evaluation.evaluate_row` for the last row of a 10-task run (every task's
 network, each its TaskMasks mask applied, on its own test TensorLoader, batch 128; 10 x 1000
 test images) divided by the bare forward pass (no_grad, eval mode, no masks) over the same
 batches, normalized beforehand. One untimed round of each, then they alternate.
@@ -33,7 +33,8 @@ from benchmarks.report import Result, Row
 from benchmarks.timing import alternating_medians
 from benchmarks.workload import Workload
 from data import Split
-from utils.train import Task, batches_per_epoch, evaluate_row, train_task
+from utils.evaluation import evaluate_row
+from utils.train import Task, batches_per_epoch, train_task
 
 
 def run_epoch(work: Workload) -> Result:
@@ -85,7 +86,7 @@ def run_eval(work: Workload) -> Result:
                 model(x)
 
     def row_of_accuracies() -> None:
-        evaluate_row(model, store, tasks, loaders, len(tasks) - 1, config, work.accel)
+        evaluate_row(model, store, [task.classes for task in tasks], loaders, len(tasks) - 1, config, work.accel)
 
     bare, real = alternating_medians([bare_forward, row_of_accuracies], work.device,
                                      repeats=work.repeats.eval_rounds)

@@ -3,7 +3,6 @@
 import logging
 import os
 import pickle
-import shutil
 import tempfile
 from pathlib import Path
 

@@ -143,7 +143,7 @@ def test_same_seed_same_results_bit_for_bit(cifar_dir, tmp_path):
     assert a["acc_matrix"] == b["acc_matrix"]
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
-    c = run("cifar100", cifar_dir, tmp_path / "c", *SMALL, "--seed", "1")
+    run("cifar100", cifar_dir, tmp_path / "c", *SMALL, "--seed", "1")
     wc = final_weights(tmp_path / "c")
     assert not all(torch.equal(wa[name], wc[name]) for name in wa)
 

@@ -6,7 +6,6 @@ when ../shared/data is present (generated stand-ins otherwise), three small task
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,12 +1,11 @@
 """The task-incremental run: for each task, train a sparse sub-network, then test every task.
 
 `run(config)` is the whole experiment; both entry scripts call it. Reading order:
-`run` -> `train_task` -> `train_epoch`, and `evaluate` for the accuracy matrix.
+`run` -> `train_task` -> `train_epoch`, and `utils.evaluation` for the accuracy matrix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from utils import run_dir
 from utils.acceleration import Acceleration
 from utils.cli import Config
 from utils.errors import NonFiniteLoss, UserError
+from utils.evaluation import EvaluatedNetworks, evaluate_row, predictions
 from utils.metrics import METRIC_KEYS, format_report, summarize
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,6 @@ def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2, fused=fused)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.l2,
                            fused=fused)
-
-
-def predictions(logits: torch.Tensor, classes: slice, mode: str) -> torch.Tensor:
-    """Predicted class indices: argmax over the task's own classes ("task") or all ("all_logits")."""
-    if mode == "task":
-        return logits[:, classes].argmax(1) + classes.start
-    return logits.argmax(1)
 
 
 def train_epoch(
@@ -225,51 +218,6 @@ def restore(model: nn.Module, masking: Masking | None, kept: dict[str, Any]) -> 
         masking.load_state_dict(kept["masking"])
 
 
-# ---------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, label_shift: int = 0,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
-    """Test accuracy in percent of `model` on `loader`, predicting within `classes`.
-
-    `label_shift` maps the labels of another task onto `classes` (the authors' FWT probe).
-    Test batches come in a fixed order without augmentation; BatchNorm uses batch statistics.
-    """
-    model.eval()
-    correct, seen = 0, 0
-    for x, y in loader:
-        with autocast():
-            logits = model(x)
-        correct += (predictions(logits, classes, mode) == y - label_shift).sum()
-        seen += len(y)
-    return 100.0 * float(correct) / seen
-
-
-def task_network(model: nn.Module, task_masks: TaskMasks, index: int) -> contextlib.AbstractContextManager:
-    """Context in which `model` is task `index`'s network (its mask applied), if sparse."""
-    return task_masks.apply(model, index) if len(task_masks) > index else contextlib.nullcontext(model)
-
-
-def evaluate_row(
-    model: nn.Module, task_masks: TaskMasks, tasks: list[Task], loaders: list[TensorLoader], i: int, config: Config,
-    accel: Acceleration,
-) -> np.ndarray:
-    """Row i of the accuracy matrix, measured now (right after training task i).
-
-    Columns j <= i: task j's network on task j's test set. Columns j > i: the authors' forward
-    transfer probe, task i's network on task j's test set with task j's labels shifted onto
-    task i's classes.
-    """
-    row = np.full(len(tasks), np.nan)
-    for j, task in enumerate(tasks):
-        network = min(i, j)
-        with task_network(model, task_masks, network):
-            shift = (j - i) * config.num_classes_per_task if j > i else 0
-            row[j] = evaluate(model, loaders[j], tasks[network].classes, config.eval, shift, accel.autocast)
-    return row
-
-
 # ---------------------------------------------------------------------------- the run
 
 
@@ -393,7 +341,7 @@ def _run(config: Config, tasks: list[Task], resumed: dict[str, Any] | None,
                     for task in tasks]
 
     acc = np.full((config.num_tasks, config.num_tasks), np.nan)
-    task_masks, records, first = TaskMasks(), [], 0
+    task_masks, records, first, tested = TaskMasks(), [], 0, EvaluatedNetworks()
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         task_masks = TaskMasks.from_state_dict(resumed["task_masks"], accel.device)
@@ -419,7 +367,8 @@ def _run(config: Config, tasks: list[Task], resumed: dict[str, Any] | None,
         in_progress = None
         if mask is not None:
             task_masks.add(mask)
-        acc[t] = evaluate_row(model, task_masks, tasks, test_loaders, t, config, accel)
+        acc[t] = evaluate_row(model, task_masks, [task.classes for task in tasks], test_loaders, t, config, accel,
+                              tested)
         record["test_acc"] = float(acc[t, t])
         records.append(record)
         log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s",

@@ -1,0 +1,110 @@
+"""Testing: predictions, the accuracy of one network on one test set, and the accuracy matrix.
+
+After training task i, row i of the matrix holds task j's network on task j's test set for
+j <= i, and, above the diagonal, the authors' forward-transfer probe (task i's network on task
+j's test set, labels shifted onto task i's classes). Task j's network is its mask applied to the
+shared weights (`TaskMasks.apply`), in place: no copies of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data import TensorLoader
+from sparselearning import TaskMasks
+from utils.acceleration import Acceleration
+from utils.cli import Config
+
+log = logging.getLogger(__name__)
+
+
+def predictions(logits: torch.Tensor, classes: slice, mode: str) -> torch.Tensor:
+    """Predicted class indices: argmax over the task's own classes ("task") or all ("all_logits")."""
+    if mode == "task":
+        return logits[:, classes].argmax(1) + classes.start
+    return logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, label_shift: int = 0,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Test accuracy in percent of `model` on `loader`, predicting within `classes`.
+
+    `label_shift` maps the labels of another task onto `classes` (the authors' FWT probe).
+    Test batches come in a fixed order without augmentation; BatchNorm uses batch statistics.
+    """
+    model.eval()
+    correct, seen = 0, 0
+    for x, y in loader:
+        with autocast():
+            logits = model(x)
+        correct += (predictions(logits, classes, mode) == y - label_shift).sum()
+        seen += len(y)
+    return 100.0 * float(correct) / seen
+
+
+def task_network(model: nn.Module, task_masks: TaskMasks, index: int) -> contextlib.AbstractContextManager:
+    """Context in which `model` is task `index`'s network (its mask applied), if sparse."""
+    return task_masks.apply(model, index) if len(task_masks) > index else contextlib.nullcontext(model)
+
+
+class EvaluatedNetworks:
+    """The accuracy of each task's network on its own test set, with the weights it was tested with.
+
+    A network tested again on the same fixed test batches gives the same accuracy if its weights
+    are the same. With isolation, task j's weights never change after task j, so the lower
+    triangle of the accuracy matrix would re-run the same forward passes row after row (half of
+    a run's evaluation time). `accuracy` compares the network's weights with those of its last
+    test, exactly, and tests again only when they differ (without isolation, say).
+    """
+
+    def __init__(self) -> None:
+        self._tested: dict[int, tuple[list[torch.Tensor], float]] = {}
+
+    @staticmethod
+    def weights(model: nn.Module, task_masks: TaskMasks, index: int) -> list[torch.Tensor]:
+        """The values of task `index`'s weights: its mask's entries of the masked parameters."""
+        params = dict(model.named_parameters())
+        return [params[name].detach()[mask.to(params[name].device)] for name, mask in task_masks[index].items()]
+
+    def accuracy(self, model: nn.Module, task_masks: TaskMasks, index: int, test: Callable[[], float]) -> float:
+        """Task `index`'s accuracy on its own test set: `test()`, unless the network is unchanged."""
+        if len(task_masks) <= index:  # dense: nothing identifies a task's network
+            return test()
+        weights = self.weights(model, task_masks, index)
+        if index in self._tested:
+            before, accuracy = self._tested[index]
+            if all(torch.equal(a, b) for a, b in zip(weights, before, strict=True)):
+                log.debug("task %d's network is unchanged: its test accuracy stays %.2f%%", index + 1, accuracy)
+                return accuracy
+        accuracy = test()
+        self._tested[index] = (weights, accuracy)
+        return accuracy
+
+
+def evaluate_row(
+    model: nn.Module, task_masks: TaskMasks, classes: list[slice], loaders: list[TensorLoader], i: int,
+    config: Config, accel: Acceleration, tested: EvaluatedNetworks | None = None,
+) -> np.ndarray:
+    """Row i of the accuracy matrix, measured now (right after training task i).
+
+    `classes[j]` and `loaders[j]` are task j's classifier slice and test batches. With `tested`,
+    a network tested before with the same weights keeps its accuracy (see EvaluatedNetworks).
+    """
+    row = np.full(len(loaders), np.nan)
+    for j, loader in enumerate(loaders):
+        network = min(i, j)
+        shift = (j - i) * config.num_classes_per_task if j > i else 0
+        with task_network(model, task_masks, network):
+            def test() -> float:
+                return evaluate(model, loader, classes[network], config.eval, shift, accel.autocast)
+
+            own = j <= i and tested is not None
+            row[j] = tested.accuracy(model, task_masks, j, test) if own else test()
+    return row
