@@ -155,7 +155,8 @@ def train_task(
         if masking is not None:
             masking.load_state_dict(in_progress["masking"])
         loader.load_state_dict(in_progress["loader"])
-        torch.set_rng_state(in_progress["torch_rng"])
+        if "torch_rng" in in_progress:  # absent from checkpoints of earlier versions
+            torch.set_rng_state(in_progress["torch_rng"])
         first_epoch, earlier_seconds = in_progress["epochs_done"], in_progress["seconds"]
         best_acc, best_epoch, kept = in_progress["best_acc"], in_progress["best_epoch"], in_progress["kept"]
 
