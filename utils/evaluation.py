@@ -69,9 +69,14 @@ class EvaluatedNetworks:
 
     @staticmethod
     def weights(model: nn.Module, task_masks: TaskMasks, index: int) -> list[torch.Tensor]:
-        """The values of task `index`'s weights: its mask's entries of the masked parameters."""
-        params = dict(model.named_parameters())
-        return [params[name].detach()[mask.to(params[name].device)] for name, mask in task_masks[index].items()]
+        """Everything task `index`'s network computes with: its mask's entries of the masked
+        parameters, every other parameter and every buffer whole."""
+        masks = task_masks[index]
+        values = []
+        for name, param in model.named_parameters():
+            mask = masks.get(name)
+            values.append(param.detach() if mask is None else param.detach()[mask.to(param.device)])
+        return values + [buffer.detach() for buffer in model.buffers()]
 
     def accuracy(self, model: nn.Module, task_masks: TaskMasks, index: int, test: Callable[[], float]) -> float:
         """Task `index`'s accuracy on its own test set: `test()`, unless the network is unchanged."""
