@@ -63,6 +63,28 @@ grid_take_option() {
   esac
 }
 
+# Parse a script's command line into the grid options, DRY_RUN and, after `--`, RUN_ARGS. The
+# script's own options are taken by its function take_script_option (same contract as
+# grid_take_option); -h/--help calls its function usage.
+grid_parse_args() {
+  local seen_separator=0
+  while (($#)); do
+    if [[ $1 == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
+    case $1 in
+      -h | --help) usage && exit 0 ;;
+      --dry-run) DRY_RUN=1 && shift ;;
+      --) seen_separator=1 && shift && break ;;
+      -*)
+        take_script_option "$@" || grid_take_option "$@" || grid_die "unknown option '$1' (see --help)"
+        shift "$GRID_SHIFT"
+        ;;
+      *) grid_die "expected -- before the entry script, got '$1' (see --help)" ;;
+    esac
+  done
+  ((seen_separator)) || grid_die "missing -- and the entry script (e.g. -- cifar100.py --num_tasks 10)"
+  RUN_ARGS=("$@")
+}
+
 # Split the comma-separated list $3 of axis $2 into the array named $1, checking each value
 # against the extended regex $4 ($5 says what is allowed, for the message).
 grid_split_axis() {

@@ -56,31 +56,16 @@ format_seconds() {
   printf '%d:%02d:%02d' $(($1 / 3600)) $(($1 / 60 % 60)) $(($1 % 60))
 }
 
-# Parse the options (everything before `--`) into JOBS, DRY_RUN and the grid; the rest of the
-# arguments (after `--`) end up in RUN_ARGS.
-parse_args() {
-  local seen_separator=0
-  while (($#)); do
-    if [[ $1 == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
-    case $1 in
-      -h | --help) usage && exit 0 ;;
-      -j | --jobs)
-        (($# >= 2)) || grid_die "$1 needs a value"
-        JOBS=$2
-        shift 2
-        ;;
-      -j?*) JOBS=${1#-j} && shift ;;
-      --dry-run) DRY_RUN=1 && shift ;;
-      --) seen_separator=1 && shift && break ;;
-      -*)
-        grid_take_option "$@" || grid_die "unknown option '$1' (see --help)"
-        shift "$GRID_SHIFT"
-        ;;
-      *) grid_die "expected -- before the entry script, got '$1' (see --help)" ;;
-    esac
-  done
-  ((seen_separator)) || grid_die "missing -- and the entry script (e.g. -- cifar100.py --num_tasks 10)"
-  RUN_ARGS=("$@")
+# This script's own option for grid_parse_args: -j N, into JOBS.
+take_script_option() {
+  case $1 in
+    -j | --jobs)
+      (($# >= 2)) || grid_die "$1 needs a value"
+      JOBS=$2 GRID_SHIFT=2
+      ;;
+    -j?*) JOBS=${1#-j} GRID_SHIFT=1 ;;
+    *) return 1 ;;
+  esac
 }
 
 # ---- running points, several at a time ----------------------------------------------------
@@ -181,7 +166,7 @@ summarize() {
 
 JOBS=${JOBS:-}
 DRY_RUN=0
-parse_args "$@"
+grid_parse_args "$@"
 grid_setup "${RUN_ARGS[@]}"
 mapfile -t GPUS < <(visible_gpus)
 if [[ -z $JOBS ]]; then JOBS=$((${#GPUS[@]} > 0 ? ${#GPUS[@]} : 1)); fi

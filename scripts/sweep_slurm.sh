@@ -52,41 +52,32 @@ MAX_RUNNING=${SWEEP_MAX_RUNNING:-}
 EXTRA_SBATCH=()
 DRY_RUN=0
 
-# Parse the options (everything before `--`); the arguments after `--` go to RUN_ARGS.
-parse_args() {
-  local seen_separator=0
-  while (($#)); do
-    if [[ $1 == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
-    case $1 in
-      -h | --help) usage && exit 0 ;;
-      --partition | --gpus | --time | --cpus | --mem | --max-running | --sbatch-arg)
-        (($# >= 2)) || grid_die "$1 needs a value"
-        case $1 in
-          --partition) PARTITION=$2 ;;
-          --gpus) GPUS=$2 ;;
-          --time) TIME_LIMIT=$2 ;;
-          --cpus) CPUS=$2 ;;
-          --mem) MEMORY=$2 ;;
-          --max-running) MAX_RUNNING=$2 ;;
-          --sbatch-arg) EXTRA_SBATCH+=("$2") ;;
-        esac
-        shift 2
-        ;;
-      --dry-run) DRY_RUN=1 && shift ;;
-      --) seen_separator=1 && shift && break ;;
-      -*)
-        grid_take_option "$@" || grid_die "unknown option '$1' (see --help)"
-        shift "$GRID_SHIFT"
-        ;;
-      *) grid_die "expected -- before the entry script, got '$1' (see --help)" ;;
-    esac
-  done
-  ((seen_separator)) || grid_die "missing -- and the entry script (e.g. -- cifar100.py --num_tasks 10)"
+# This script's own options for grid_parse_args: the SLURM resources.
+take_script_option() {
+  case $1 in
+    --partition | --gpus | --time | --cpus | --mem | --max-running | --sbatch-arg)
+      (($# >= 2)) || grid_die "$1 needs a value"
+      case $1 in
+        --partition) PARTITION=$2 ;;
+        --gpus) GPUS=$2 ;;
+        --time) TIME_LIMIT=$2 ;;
+        --cpus) CPUS=$2 ;;
+        --mem) MEMORY=$2 ;;
+        --max-running) MAX_RUNNING=$2 ;;
+        --sbatch-arg) EXTRA_SBATCH+=("$2") ;;
+      esac
+      GRID_SHIFT=2
+      ;;
+    *) return 1 ;;
+  esac
+}
+
+# The resources must be numbers where sbatch wants numbers.
+check_resources() {
   [[ $GPUS =~ ^[0-9]+$ ]] || grid_die "--gpus needs a number >= 0, got '$GPUS'"
   [[ -z $CPUS || $CPUS =~ ^[1-9][0-9]*$ ]] || grid_die "--cpus needs a number >= 1, got '$CPUS'"
   [[ -z $MAX_RUNNING || $MAX_RUNNING =~ ^[1-9][0-9]*$ ]] ||
     grid_die "--max-running needs a number >= 1, got '$MAX_RUNNING'"
-  RUN_ARGS=("$@")
 }
 
 # The sbatch command that runs the grid as an array, into SBATCH_COMMAND.
@@ -166,7 +157,8 @@ run_point() {
   return "$status"
 }
 
-parse_args "$@"
+grid_parse_args "$@"
+check_resources
 grid_setup "${RUN_ARGS[@]}"
 if ((DRY_RUN)) || [[ -z ${SLURM_ARRAY_TASK_ID:-} ]]; then
   submit
