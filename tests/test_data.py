@@ -509,7 +509,7 @@ def test_train_loader_is_deterministic_per_seed():
     split = indexed_split(64)
     a, b, c = (TensorLoader(split, batch_size=16, train=True, seed=s, **IDENTITY) for s in (3, 3, 4))
     for _ in range(2):
-        (xa, ya), (xb, yb), (xc, yc) = epoch(a), epoch(b), epoch(c)
+        (xa, ya), (xb, yb), (_, yc) = epoch(a), epoch(b), epoch(c)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert not torch.equal(ya, yc)
 

@@ -18,7 +18,6 @@ import pytest
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.test_end_to_end import cifar_dir, mini_dir, write_fake_miniimagenet  # noqa: F401 (fixtures)
 from utils import run_dir
 from utils.entry import main
 
@@ -45,7 +44,7 @@ def results_of(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(cifar_dir, tmp_path_factory) -> dict:  # noqa: F811
+def reference(cifar_dir, tmp_path_factory) -> dict:
     """The uninterrupted run every interrupted one is compared with."""
     out = tmp_path_factory.mktemp("reference") / "run"
     assert main("cifar100", argv_for(cifar_dir, out, *THREE_TASKS)) == 0
@@ -75,7 +74,7 @@ def wait_for_log_line(process: subprocess.Popen, log: Path, text: str, timeout: 
 # ----------------------------------------------------------------------------- kill and resume
 
 
-def test_a_run_killed_in_the_middle_of_a_task_resumes_to_the_same_results(cifar_dir, reference, tmp_path):  # noqa: F811
+def test_a_run_killed_in_the_middle_of_a_task_resumes_to_the_same_results(cifar_dir, reference, tmp_path):
     out = tmp_path / "run"
     argv = argv_for(cifar_dir, out, *THREE_TASKS)
     process = start(argv, tmp_path / "stderr.txt")
@@ -116,7 +115,7 @@ sys.exit(main("cifar100", sys.argv[3:]))
     (run_dir.PROGRESS_FILE, 4),  # the task in progress: task 2 after epoch 2 (2 per task: not after the last)
     (run_dir.RESULTS_FILE, 1),
 ])
-def test_a_run_killed_while_writing_a_file_resumes_to_the_same_results(cifar_dir, reference, tmp_path,  # noqa: F811
+def test_a_run_killed_while_writing_a_file_resumes_to_the_same_results(cifar_dir, reference, tmp_path,
                                                                         target, nth):
     out = tmp_path / "run"
     argv = argv_for(cifar_dir, out, *THREE_TASKS)
@@ -138,7 +137,7 @@ def test_a_run_killed_while_writing_a_file_resumes_to_the_same_results(cifar_dir
 
 
 def test_a_finished_run_is_refused_reprinted_with_resume_and_replaced_with_overwrite(
-        cifar_dir, reference, tmp_path, capsys):  # noqa: F811
+        cifar_dir, reference, tmp_path, capsys):
     out = tmp_path / "run"
     small = [*SPLIT, "--epochs", "1", "--max_batches", "2"]
     argv = argv_for(cifar_dir, out, *small)
@@ -166,7 +165,7 @@ def test_a_finished_run_is_refused_reprinted_with_resume_and_replaced_with_overw
 # ----------------------------------------------------------------------------- a diverging run
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_finished_tasks(cifar_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_finished_tasks(cifar_dir, tmp_path, monkeypatch, capsys):
     real_cross_entropy, calls = F.cross_entropy, []
 
     def cross_entropy(*args, **kwargs):

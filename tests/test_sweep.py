@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_end_to_end import SHARED, write_fake_cifar
 from utils import report
 from utils.cli import parse_config
 
@@ -54,24 +53,15 @@ def results(directory: Path) -> dict:
     return json.loads((directory / "results.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    if (SHARED / "cifar-100-python" / "train").is_file():
-        return SHARED
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, {"train": 250, "test": 100})
-    return root
-
-
 GRID = ["--densities", "0.2,0.1", "--growths", "random,unfired", "--inits", "ERK", "--seeds", "0"]
 POINTS = ["ERK_random_d0.2_s0", "ERK_unfired_d0.2_s0", "ERK_random_d0.1_s0", "ERK_unfired_d0.1_s0"]
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+def swept(tmp_path_factory, cifar_dir) -> tuple[Path, subprocess.CompletedProcess]:
     """A real 2 x 2 sweep (densities x growths), two runs at a time."""
     out = tmp_path_factory.mktemp("sweep") / "sweep"
-    done = run_script(SWEEP, "-j", "2", *GRID, "--out", out, "--", "cifar100.py", *tiny_flags(data_dir))
+    done = run_script(SWEEP, "-j", "2", *GRID, "--out", out, "--", "cifar100.py", *tiny_flags(cifar_dir))
     return out, done
 
 
@@ -96,9 +86,9 @@ def test_the_sweep_runs_every_point_two_at_a_time(swept):
         assert log.count("==== ") == 1 and "results written to" in log
 
 
-def test_a_second_sweep_skips_every_complete_point(swept, data_dir):
+def test_a_second_sweep_skips_every_complete_point(swept, cifar_dir):
     out, _ = swept
-    again = run_script(SWEEP, "-j", "2", *GRID, "--out", out, "--", "cifar100.py", *tiny_flags(data_dir))
+    again = run_script(SWEEP, "-j", "2", *GRID, "--out", out, "--", "cifar100.py", *tiny_flags(cifar_dir))
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("] skip ") == 4 and "start" not in again.stdout
     assert again.stdout.splitlines()[-1].endswith("0 succeeded, 0 failed, 4 skipped (already complete)")
@@ -106,10 +96,10 @@ def test_a_second_sweep_skips_every_complete_point(swept, data_dir):
         assert (out / "logs" / f"{name}.log").read_text().count("==== ") == 1  # not run again
 
 
-def test_a_killed_run_is_resumed_by_the_next_sweep(tmp_path, data_dir):
+def test_a_killed_run_is_resumed_by_the_next_sweep(tmp_path, cifar_dir):
     out, point = tmp_path / "sweep", tmp_path / "sweep" / "uniform_gradient_d0.1_s0"
     args = ["--densities", "0.1", "--growths", "gradient", "--inits", "uniform", "--out", out, "--",
-            "cifar100.py", *tiny_flags(data_dir, tasks=3, max_batches=4)]
+            "cifar100.py", *tiny_flags(cifar_dir, tasks=3, max_batches=4)]
     first = subprocess.Popen(["bash", str(SWEEP), *map(str, args)], env=environment(), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -131,9 +121,9 @@ def test_a_killed_run_is_resumed_by_the_next_sweep(tmp_path, data_dir):
     assert len(finished["acc_matrix"]) == 3 and len(finished["per_task"]) == 3
 
 
-def test_a_failing_run_fails_the_sweep_and_is_listed(tmp_path, data_dir):
+def test_a_failing_run_fails_the_sweep_and_is_listed(tmp_path, cifar_dir):
     out = tmp_path / "sweep"
-    flags = tiny_flags(data_dir)
+    flags = tiny_flags(cifar_dir)
     flags[flags.index("--data_dir") + 1] = str(tmp_path / "no_data_here")
     done = run_script(SWEEP, "--densities", "0.2", "--growths", "random", "--inits", "ERK", "--out", out,
                       "--", "cifar100.py", *flags)
@@ -160,11 +150,11 @@ def test_a_run_that_stopped_early_counts_as_failed_and_is_retried_only_on_reques
 
 # ---- SLURM array -----------------------------------------------------------------------------
 
-def test_each_slurm_array_task_runs_its_point_as_the_local_sweep_does(swept, tmp_path, data_dir):
+def test_each_slurm_array_task_runs_its_point_as_the_local_sweep_does(swept, tmp_path, cifar_dir):
     local, _ = swept
     out = tmp_path / "array"
     args = ["--densities", "0.2", "--growths", "random,unfired", "--inits", "ERK", "--out", out, "--",
-            "cifar100.py", *tiny_flags(data_dir)]
+            "cifar100.py", *tiny_flags(cifar_dir)]
     shutil.copytree(local / POINTS[0], out / POINTS[0])  # point 0 is complete: its task skips it
     skipped = run_script(SWEEP_SLURM, *args, env=environment(SLURM_ARRAY_TASK_ID="0"))
     assert skipped.returncode == 0 and f"point 0 {POINTS[0]}: skip (complete)" in skipped.stdout
