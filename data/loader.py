@@ -58,9 +58,11 @@ class TensorLoader:
         self.pad = pad
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = torch.device(device)
-        self.images = split.images.to(self.device).contiguous()
+        images = split.images.to(self.device).contiguous()
         if train:  # every crop and flip of every image, as a view: a batch is then one gather
-            self._windows = augmentation_windows(self.images, pad)
+            self._windows = augmentation_windows(images, pad)
+        else:
+            self.images = images
         self.labels = split.labels.to(self.device, torch.int64)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
