@@ -21,6 +21,14 @@ Vocabulary (per maskable layer, all bool tensors of the weight's shape):
 
 During a task the model's parameters hold the task's effective weights: the trained value
 on trainable entries, the stored earlier-task value on mask & frozen, zero elsewhere.
+
+Each maskable weight's state lives in one `MaskedLayer` (`Masking.layers`); `masks`, `frozen`,
+`fired`, `trainable`, `params` and `counts` read it as dicts by parameter name.
+
+The optimizer must be one of `SUPPORTED_OPTIMIZERS` (SGD, Adam, AdamW, RMSprop, fused or
+not): `step` zeroes the gradients of the non-trainable weights, which keeps them and their
+optimizer state unchanged only for optimizers whose update of a weight with zero gradient and
+zero state is zero and leaves that state zero. Other optimizers are refused.
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ import torch
 import torch.nn as nn
 
 from sparselearning.density import SPARSE_INITS, allocate_counts
+from sparselearning.masked_layer import LAYER_STATE_KEYS, MaskedLayer
 from sparselearning.schedule import FINAL_DEATH_RATE, cosine_death_rate
 from sparselearning.seeding import derive_seed
-from sparselearning.selection import random_free_indices, top_indices
+from sparselearning.selection import top_indices
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +52,10 @@ GROWTH_MODES = ("random", "unfired", "momentum", "gradient")
 DEATH_MODES = ("magnitude",)
 NEW_WEIGHTS = ("zero", "init")
 MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-# Optimizers whose update of an entry with zero gradient and zero state is exactly zero, except
-# for weight decay, which moves only nonzero weights (the frozen ones in the mask).
-_ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+# Optimizers whose update of an entry with zero gradient and zero state is exactly zero and
+# leaves the state zero (weight decay aside: it moves only nonzero weights, the frozen ones in
+# the mask, which `step` puts back). Exact types: a subclass may change the update.
+SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 _MASK_STREAM = 0x6D61736B  # names Masking's random stream (see derive_seed)
 
 
@@ -58,15 +68,22 @@ def maskable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return weights
 
 
+def _per_layer(attr: str) -> Any:
+    """A read-only property of `Masking`: attribute `attr` of every layer, by parameter name."""
+    return property(lambda self: {name: getattr(layer, attr) for name, layer in self.layers.items()},
+                    doc=f"`MaskedLayer.{attr}` of every maskable weight, by parameter name (read-only).")
+
+
 class Masking:
     """Dynamic sparse training of one task, with earlier tasks' weights frozen.
 
     Args:
-        optimizer: the task's optimizer over the model's parameters.
+        optimizer: the task's optimizer over the model's parameters, one of
+            `SUPPORTED_OPTIMIZERS` (checked by `add_module`).
         density: fraction of the maskable weights a task uses.
         sparse_init: per-layer density allocation, "ERK" or "uniform".
         death: pruning criterion; "magnitude" (smallest |w| among active weights).
-        growth: "random", "unfired", "momentum" or "gradient" (see `growth_scores`).
+        growth: "random", "unfired", "momentum" or "gradient" (see `update_topology`).
         death_rate: initial prune fraction, cosine-decayed to 0.005 over `total_steps`.
         update_frequency: steps between topology updates; 0 keeps the initial mask.
         total_steps: optimizer steps in this task (epochs x batches).
@@ -92,14 +109,10 @@ class Masking:
         new_weights: str = "zero",
         seed: int = 0,
     ) -> None:
-        if sparse_init not in SPARSE_INITS:
-            raise ValueError(f"unknown sparse_init {sparse_init!r}; choose from {SPARSE_INITS}")
-        if death not in DEATH_MODES:
-            raise ValueError(f"unknown death mode {death!r}; choose from {DEATH_MODES}")
-        if growth not in GROWTH_MODES:
-            raise ValueError(f"unknown growth mode {growth!r}; choose from {GROWTH_MODES}")
-        if new_weights not in NEW_WEIGHTS:
-            raise ValueError(f"unknown new_weights {new_weights!r}; choose from {NEW_WEIGHTS}")
+        _check_choice("sparse_init", sparse_init, SPARSE_INITS)
+        _check_choice("death mode", death, DEATH_MODES)
+        _check_choice("growth mode", growth, GROWTH_MODES)
+        _check_choice("new_weights", new_weights, NEW_WEIGHTS)
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
         if not 0 <= death_rate < 1:
@@ -118,66 +131,64 @@ class Masking:
         self.seed = seed
         self._frozen_arg = frozen
         self.steps = 0
-
-        self.params: dict[str, nn.Parameter] = {}
-        self.counts: dict[str, int] = {}
-        self.masks: dict[str, torch.Tensor] = {}
-        self.frozen: dict[str, torch.Tensor] = {}
-        self.fired: dict[str, torch.Tensor] = {}
-        self.trainable: dict[str, torch.Tensor] = {}
-        self._stored: dict[str, torch.Tensor] = {}  # earlier tasks' values where frozen, else 0
-        self._fixed: dict[str, torch.Tensor] = {}  # what non-trainable entries must hold (kept for
-        # optimizers that are restored after every step; the others compute it when needed)
-        self._active: dict[str, torch.Tensor] = {}  # flat indices of each mask's entries
-        self._fired_count: dict[str, int] = {}  # entries of `fired`, counted on the host (unfired growth)
-        self._momentum: dict[str, list[torch.Tensor]] = {}  # dense gradient averages (growth)
-        self._dense_grad: dict[str, torch.Tensor] = {}  # |grad| captured for gradient growth
+        self.layers: dict[str, MaskedLayer] = {}
         self.generator: torch.Generator | None = None
-        self._masks_gradients = False  # else: restore every non-trainable weight after the step
-        self._decays_weights = False
-        self._reused: dict[str, torch.Tensor] = {}  # flat indices of mask & frozen, with weight decay only
+        self._decays_weights = False  # some param group has weight decay: restore reused weights
+
+    # Read-only views of the layers, as dicts by parameter name (the live tensors).
+    params: dict[str, nn.Parameter] = _per_layer("param")
+    counts: dict[str, int] = _per_layer("count")
+    masks: dict[str, torch.Tensor] = _per_layer("mask")
+    frozen: dict[str, torch.Tensor] = _per_layer("frozen")
+    fired: dict[str, torch.Tensor] = _per_layer("fired")
+    trainable: dict[str, torch.Tensor] = _per_layer("trainable")
 
     # ------------------------------------------------------------------ set-up
 
     def add_module(self, model: nn.Module) -> None:
         """Take the maskable weights of `model` and draw this task's initial mask."""
-        self.params = maskable_weights(model)
-        if not self.params:
+        params = maskable_weights(model)
+        if not params:
             raise ValueError("the model has no conv or linear weights to mask")
-        self._check_optimizer()
-        unmasked = [n for n, p in model.named_parameters() if p.requires_grad and n not in self.params]
+        self._check_optimizer(params)
+        unmasked = [n for n, p in model.named_parameters() if p.requires_grad and n not in params]
         if unmasked:
             log.warning("parameters outside the masks are shared and trained by every task: %s", unmasked)
-        device = next(iter(self.params.values())).device
+        device = next(iter(params.values())).device
         self.generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, _MASK_STREAM))
-        self.counts = allocate_counts({n: p.shape for n, p in self.params.items()}, self.density, self.sparse_init)
+        counts = allocate_counts({n: p.shape for n, p in params.items()}, self.density, self.sparse_init)
 
         frozen = self._frozen_arg or {}
         first_task = not any(bool(f.any()) for f in frozen.values())
+        self.layers = {}
         with torch.no_grad():
-            for name, p in self.params.items():
-                f = frozen.get(name)
-                self.frozen[name] = torch.zeros_like(p, dtype=torch.bool) if f is None else f.to(device, torch.bool)
-                self._stored[name] = torch.where(self.frozen[name], p, 0.0)
-                mask = torch.zeros(p.numel(), dtype=torch.bool, device=device)
-                mask[self._random_indices(p.numel(), self.counts[name])] = True
-                self.masks[name] = mask.view_as(p)
-                if not first_task:  # the model holds consolidated weights: pick the new ones' start
-                    p.copy_(torch.where(self.frozen[name], self._stored[name], self._new_weight_values(p)))
-                self.fired[name] = self.masks[name].clone()
-                self._refresh(name)
-            self._momentum = self._new_momentum() if self.growth == "momentum" else {}
+            for name, p in params.items():
+                layer = MaskedLayer(p, counts[name], frozen.get(name), track_reused=self._decays_weights)
+                indices = self._random_indices(p.numel(), layer.count)
+                # a later task's model holds consolidated weights: pick the new ones' start
+                layer.start(indices, None if first_task else self._new_weight_values(p), self.optimizer)
+                self.layers[name] = layer
+            if self.growth == "momentum":
+                averages = 2 if "betas" in self.optimizer.param_groups[0] else 1
+                for layer in self.layers.values():
+                    layer.momentum = [torch.zeros_like(layer.param) for _ in range(averages)]
         log.info("masking %d layers, %d of %d weights active (%s, density %.4g)",
-                 len(self.params), sum(self.counts.values()),
-                 sum(p.numel() for p in self.params.values()), self.sparse_init, self.density)
+                 len(params), sum(counts.values()), sum(p.numel() for p in params.values()),
+                 self.sparse_init, self.density)
 
-    def _check_optimizer(self) -> None:
+    def _check_optimizer(self, params: dict[str, nn.Parameter]) -> None:
+        if type(self.optimizer) not in SUPPORTED_OPTIMIZERS:
+            supported = ", ".join(cls.__name__ for cls in SUPPORTED_OPTIMIZERS)
+            raise ValueError(
+                f"Masking supports the optimizers {supported} (fused or not), not "
+                f"{type(self.optimizer).__name__}: it zeroes the gradients of the weights a task may not "
+                "train, which keeps them frozen only if a zero gradient with zero state gives a zero "
+                "update and leaves the state zero")
         in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        missing = [n for n, p in self.params.items() if id(p) not in in_optimizer]
+        missing = [n for n, p in params.items() if id(p) not in in_optimizer]
         if missing:
             raise ValueError(f"maskable weights missing from the optimizer: {missing}")
         groups = self.optimizer.param_groups
-        self._masks_gradients = type(self.optimizer) in _ELEMENTWISE_OPTIMIZERS
         self._decays_weights = any(g.get("weight_decay", 0) != 0 for g in groups)
         if self.growth == "momentum":
             kinds = {(tuple(g["betas"]) if "betas" in g else g.get("momentum", 0)) for g in groups}
@@ -198,98 +209,48 @@ class Masking:
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=self.generator)
         return fresh
 
-    def _refresh(self, name: str) -> None:
-        """Recompute the derived per-layer tensors from mask and frozen, and apply them."""
-        mask, frozen = self.masks[name], self.frozen[name]
-        self.trainable[name] = mask & ~frozen
-        if not self._masks_gradients:
-            self._fixed[name] = self._fixed_values(name)
-        self._active[name] = mask.view(-1).nonzero_static(size=self.counts[name]).squeeze(1)
-        self._fired_count[name] = int(self.fired[name].sum())
-        self._update_reused(name)
-        self._enforce(name)
-
-    def _update_reused(self, name: str) -> None:
-        """Flat indices of the frozen weights in the mask, which weight decay would move."""
-        if self._decays_weights:
-            self._reused[name] = (self.masks[name] & self.frozen[name]).view(-1).nonzero().squeeze(1)
-
-    def _fixed_values(self, name: str) -> torch.Tensor:
-        """What the non-trainable entries hold: the stored value where frozen and in the mask, else 0."""
-        return torch.where(self.masks[name] & self.frozen[name], self._stored[name], 0.0)
-
-    def _enforce(self, name: str) -> None:
-        """Non-trainable entries: fixed weight values and zero optimizer state."""
-        p, trainable = self.params[name], self.trainable[name]
-        fixed = self._fixed[name] if name in self._fixed else self._fixed_values(name)
-        with torch.no_grad():
-            torch.where(trainable, p, fixed, out=p)
-        for value in self._weight_states(p):
-            value.mul_(trainable.view(torch.uint8))  # uint8 multiplies twice as fast as bool
-
-    def _restore_reused(self, name: str) -> None:
-        """Put back the stored values of the frozen weights in the mask, with zero state."""
-        p, reused = self.params[name].detach().view(-1), self._reused[name]
-        p.index_copy_(0, reused, self._stored[name].view(-1).index_select(0, reused))
-        for value in self._weight_states(self.params[name]):
-            value.view(-1).index_fill_(0, reused, 0.0)
-
-    def _weight_states(self, p: torch.Tensor) -> list[torch.Tensor]:
-        """The optimizer's per-weight state tensors of `p` (momentum, Adam moments)."""
-        return [v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-
-    def _exchange(self, name: str, pruned: torch.Tensor, grown: torch.Tensor) -> None:
-        """Update the derived tensors and the weights at the flat indices that left or entered
-        the mask: what `_refresh` would do, at O(k) instead of O(layer) cost.
-
-        Pruned weights and all their state become zero; grown ones start with zero state at
-        zero, or at their stored value when an earlier task owns them. A weight pruned and
-        regrown in the same update starts afresh too.
-        """
-        p, trainable = self.params[name].view(-1), self.trainable[name].view(-1)
-        fixed = self._fixed[name].view(-1) if name in self._fixed else None
-        trainable.index_fill_(0, pruned, False)
-        p.index_fill_(0, pruned, 0.0)
-        for value in self._weight_states(self.params[name]):
-            value.view(-1).index_fill_(0, pruned, 0.0)  # grown entries' state is zero already
-        grown_frozen = self.frozen[name].view(-1).index_select(0, grown)
-        values = torch.where(grown_frozen, self._stored[name].view(-1).index_select(0, grown), 0.0)
-        trainable.index_copy_(0, grown, ~grown_frozen)
-        p.index_copy_(0, grown, values)
-        if fixed is not None:
-            fixed.index_fill_(0, pruned, 0.0)
-            fixed.index_copy_(0, grown, values)
-        self._update_reused(name)
-
     # ------------------------------------------------------------------ training
 
     def step(self) -> None:
         """One optimizer step restricted to the trainable weights; topology update when due.
 
-        SGD, Adam and AdamW get the gradients of non-trainable entries zeroed: their state
-        stays zero and their update is exactly zero, except that weight decay moves the
-        frozen weights in the mask, which are then restored (with zero state). With any other
-        optimizer every non-trainable weight is restored and its state zeroed after the step.
+        The gradients of non-trainable entries are zeroed: with a supported optimizer their
+        state stays zero and their update is exactly zero, except that weight decay moves the
+        frozen weights in the mask (the only nonzero non-trainable ones), which are then put
+        back to their stored values with zero state.
         """
         due = self.update_frequency > 0 and (self.steps + 1) % self.update_frequency == 0
-        grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+        layers = [layer for layer in self.layers.values() if layer.param.grad is not None]
         if self.growth == "momentum":
-            self._track_momentum(grads)
+            self._track_momentum(layers)
         if due and self.growth == "gradient":
-            self._dense_grad = {n: g.abs() for n, g in grads.items()}
-        if self._masks_gradients:
-            for name, grad in grads.items():
-                grad.mul_(self.trainable[name].view(torch.uint8))  # uint8 multiplies twice as fast as bool
+            for layer in layers:
+                layer.dense_grad = layer.param.grad.abs()
+        for layer in layers:
+            layer.param.grad.mul_(layer.trainable_uint8)
         self.optimizer.step()
-        if not self._masks_gradients:
-            for name in self.params:
-                self._enforce(name)
-        elif self._decays_weights:
-            for name in self.params:
-                self._restore_reused(name)
+        if self._decays_weights:
+            for layer in self.layers.values():
+                layer.restore_reused(self.optimizer)
         self.steps += 1
         if due:
             self.update_topology()
+
+    def _track_momentum(self, layers: list[MaskedLayer]) -> None:
+        """Update the dense gradient averages that `momentum` growth ranks weights by, with the
+        optimizer's betas (Adam-like) or momentum (SGD-like)."""
+        group = self.optimizer.param_groups[0]
+        first = [layer.momentum[0] for layer in layers]
+        grads = [layer.param.grad for layer in layers]
+        if "betas" in group:
+            beta1, beta2 = group["betas"]
+            second = [layer.momentum[1] for layer in layers]
+            torch._foreach_lerp_(first, grads, 1 - beta1)
+            torch._foreach_mul_(second, beta2)
+            torch._foreach_addcmul_(second, grads, grads, 1 - beta2)
+        else:
+            torch._foreach_mul_(first, group["momentum"])
+            torch._foreach_add_(first, grads)
 
     def death_rate_at(self, step: int) -> float:
         """The cosine-decayed prune fraction at `step` of this task."""
@@ -298,92 +259,47 @@ class Masking:
     def update_topology(self) -> None:
         """One prune-and-grow cycle on every sparse layer, now.
 
-        Per layer, k = ceil(rate * active): the k active weights with the smallest |w|
-        leave the mask and exactly k inactive ones enter it, chosen by the growth mode.
+        Per layer, k = ceil(rate * active): the k active weights with the smallest |w| leave
+        the mask and exactly k inactive ones enter it, chosen by the growth mode:
+
+        - random: uniformly among the inactive weights;
+        - unfired: uniformly among the weights never in this task's mask, and when fewer than
+          k are left, all of them and the rest uniformly among the inactive ones;
+        - momentum, gradient: the largest `growth_scores` among the inactive weights.
+
         Dense layers (ERK can make small layers dense) have nothing to exchange.
         """
         rate = self.death_rate_at(self.steps)
         with torch.no_grad():
-            for name, p in self.params.items():
-                count = self.counts[name]
-                k = math.ceil(rate * count)
-                if count == p.numel() or k == 0:
+            for name, layer in self.layers.items():
+                k = math.ceil(rate * layer.count)
+                if layer.count == layer.param.numel() or k == 0:
                     continue
-                mask, active = self.masks[name].view(-1), self._active[name]
-                slots = top_indices(-p.view(-1).index_select(0, active).abs(), k)  # positions in `active`
-                pruned = active.index_select(0, slots)
-                mask.index_fill_(0, pruned, False)
-                grown = self._grow(name, mask, k)
-                mask.index_fill_(0, grown, True)
-                active.index_copy_(0, slots, grown)
-                self.fired[name].view(-1).index_fill_(0, grown, True)
-                self._exchange(name, pruned, grown)
-        self._dense_grad = {}
-
-    def _grow(self, name: str, mask: torch.Tensor, k: int) -> torch.Tensor:
-        """Flat indices of the k weights entering layer `name`'s (flat, pruned) mask."""
-        if self.growth == "random":  # uniform among the inactive: sampled, no score per weight
-            free = mask.numel() - self.counts[name] + k
-            return random_free_indices(mask, k, free, self.generator)
-        if self.growth == "unfired":  # never-fired weights first (all inactive), uniformly
-            fired = self.fired[name].view(-1)
-            unfired = mask.numel() - self._fired_count[name]
-            self._fired_count[name] += min(k, unfired)
-            if unfired >= k:
-                return random_free_indices(fired, k, unfired, self.generator)
-            # all of them, and the rest uniformly among the inactive weights that have fired
-            taken = mask | ~fired
-            inactive_fired = mask.numel() - (self.counts[name] - k) - unfired
-            rest = random_free_indices(taken, k - unfired, inactive_fired, self.generator)
-            return torch.cat([(~fired).nonzero().squeeze(1), rest])
-        return top_indices(self.growth_scores(name).view(-1), k, exclude=mask)
+                slots, pruned = layer.prune(k)
+                if self.growth == "random":
+                    grown = layer.random_inactive(k, self.generator)
+                elif self.growth == "unfired":
+                    grown = layer.unfired_first(k, self.generator)
+                else:
+                    grown = layer.top_inactive(self.growth_scores(name), k)
+                layer.grow(slots, pruned, grown, self.optimizer)
+        for layer in self.layers.values():
+            layer.dense_grad = None
 
     def growth_scores(self, name: str) -> torch.Tensor:
-        """Scores for growing weights into layer `name`; the largest inactive ones grow.
+        """Scores for growing weights into layer `name` (momentum and gradient growth only):
 
-        - random: uniform noise (an update samples the inactive weights directly instead:
-          the same distribution without a score per weight);
-        - unfired: uniform noise, minus 2 on weights that have been in this task's mask (so
-          the never-fired ones all come first; an update samples the same way directly:
-          k of the never-fired, or all of them and the rest among the inactive fired ones);
         - momentum: |m / (sqrt(v) + 1e-8)| of dense running gradient averages with the
           optimizer's betas (Adam), or |momentum buffer| of the dense gradient (SGD);
         - gradient: |dense gradient| of the current batch.
+
+        Random and unfired growth sample the inactive weights directly and have no scores.
         """
-        p = self.params[name]
-        if self.growth in ("random", "unfired"):
-            scores = torch.rand(p.shape, generator=self.generator, device=p.device)
-            if self.growth == "unfired":  # fired weights drop below every unfired one
-                scores.sub_(self.fired[name].view(torch.uint8), alpha=2)
-            return scores
+        if self.growth == "momentum":
+            return self.layers[name].momentum_scores()
         if self.growth == "gradient":
-            if name in self._dense_grad:
-                return self._dense_grad[name]
-            return p.grad.abs() if p.grad is not None else torch.zeros_like(p)
-        averages = self._momentum[name]
-        if len(averages) == 2:  # |m| / (sqrt(v) + 1e-8), in two buffers instead of four
-            return averages[0].abs().div_(averages[1].sqrt().add_(1e-8))
-        return averages[0].abs()
-
-    def _new_momentum(self) -> dict[str, list[torch.Tensor]]:
-        adam = "betas" in self.optimizer.param_groups[0]
-        return {n: [torch.zeros_like(p) for _ in range(2 if adam else 1)] for n, p in self.params.items()}
-
-    def _track_momentum(self, grads: dict[str, torch.Tensor]) -> None:
-        """Update the dense gradient averages that `momentum` growth ranks weights by."""
-        group = self.optimizer.param_groups[0]
-        names = list(grads)
-        first = [self._momentum[n][0] for n in names]
-        grad_list = [grads[n] for n in names]
-        if "betas" in group:
-            beta1, beta2 = group["betas"]
-            second = [self._momentum[n][1] for n in names]
-            torch._foreach_lerp_(first, grad_list, 1 - beta1)
-            torch._foreach_mul_(second, beta2)
-            torch._foreach_addcmul_(second, grad_list, grad_list, 1 - beta2)
-        else:
-            torch._foreach_mul_(first, group["momentum"])
-            torch._foreach_add_(first, grad_list)
+            return self.layers[name].gradient_scores()
+        raise ValueError(f"{self.growth} growth samples weights directly: it has no growth scores")
 
     # ------------------------------------------------------------------ end of task
 
@@ -394,22 +310,13 @@ class Masking:
         on its trainable weights, zero elsewhere. Any task's network is its mask applied to
         these weights.
         """
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(torch.where(self.frozen[name], self._stored[name], p))
-        return {name: mask.clone() for name, mask in self.masks.items()}
+        return {name: layer.consolidate() for name, layer in self.layers.items()}
 
     def capacity(self) -> dict[str, Any]:
         """Fractions of weights used by any task, by this task, reused from earlier ones, free."""
         layers, totals = {}, {"used": 0, "task": 0, "reused": 0, "numel": 0}
-        for name, mask in self.masks.items():
-            frozen = self.frozen[name]
-            counts = {
-                "used": int((mask | frozen).sum()),
-                "task": int(mask.sum()),
-                "reused": int((mask & frozen).sum()),
-                "numel": mask.numel(),
-            }
+        for name, layer in self.layers.items():
+            counts = layer.capacity_counts()
             layers[name] = _fractions(counts)
             for key in totals:
                 totals[key] += counts[key]
@@ -418,17 +325,16 @@ class Masking:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this task identically (copies, not references)."""
+        """Everything needed to continue this task identically (copies, not references): the
+        step, the counts, per layer (a dict by parameter name for each) the mask, the active
+        indices in their order (it decides which of equal magnitudes are pruned), fired,
+        frozen and stored; momentum growth's averages; the generator's state."""
+        parts = {name: layer.state_dict() for name, layer in self.layers.items()}
         return {
             "steps": self.steps,
-            "counts": dict(self.counts),
-            "masks": {n: t.clone() for n, t in self.masks.items()},
-            # the order of the active indices decides which of equal magnitudes are pruned
-            "active": {n: t.clone() for n, t in self._active.items()},
-            "fired": {n: t.clone() for n, t in self.fired.items()},
-            "frozen": {n: t.clone() for n, t in self.frozen.items()},
-            "stored": {n: t.clone() for n, t in self._stored.items()},
-            "momentum": {n: [t.clone() for t in ts] for n, ts in self._momentum.items()},
+            "counts": self.counts,
+            **{key: {name: part[key] for name, part in parts.items()} for key in LAYER_STATE_KEYS},
+            "momentum": {name: part["momentum"] for name, part in parts.items() if part["momentum"]},
             "generator": self.generator.get_state(),
         }
 
@@ -438,17 +344,15 @@ class Masking:
         if state["counts"] != self.counts:
             raise ValueError("this state belongs to a Masking with another allocation")
         self.steps = state["steps"]
-        for name, p in self.params.items():  # copies: later updates must not write into `state`
-            self.masks[name] = state["masks"][name].to(p.device, copy=True)
-            self.fired[name] = state["fired"][name].to(p.device, copy=True)
-            self.frozen[name] = state["frozen"][name].to(p.device, copy=True)
-            self._stored[name] = state["stored"][name].to(p.device, copy=True)
-        self._momentum = {n: [t.to(self.params[n].device, copy=True) for t in ts]
-                          for n, ts in state["momentum"].items()}
+        for name, layer in self.layers.items():
+            part = {key: state[key][name] for key in LAYER_STATE_KEYS}
+            layer.load_state_dict({**part, "momentum": state["momentum"].get(name, [])}, self.optimizer)
         self.generator.set_state(state["generator"])
-        for name, p in self.params.items():
-            self._refresh(name)
-            self._active[name] = state["active"][name].to(p.device, copy=True)
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose from {choices}")
 
 
 def _fractions(counts: dict[str, int]) -> dict[str, float]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from sparselearning.atomic_file import write_atomically
 
 Masks = dict[str, torch.Tensor]
 
@@ -119,6 +120,7 @@ class TaskMasks:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> TaskMasks:
+        """The store that `state_dict()` describes, its masks on `device`."""
         store = cls()
         for packed in state["tasks"]:
             store.add({name: unpack_bits(packed[name].to(device), shape) for name, shape in state["shapes"].items()})
@@ -126,15 +128,10 @@ class TaskMasks:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the bit-packed masks to `path` atomically (whole file or none)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        state = self.state_dict()
+        write_atomically(path, lambda f: torch.save(state, f))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> TaskMasks:
+        """The store that `save` wrote to `path`, its masks on `device`."""
         return cls.from_state_dict(torch.load(path, weights_only=True), device)

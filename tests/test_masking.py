@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sparselearning import Masking, TaskMasks, allocate_counts
 
 GROWTHS = ("random", "unfired", "momentum", "gradient")
-STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,8 +79,10 @@ def make_opt(kind: str, params):
         return torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3, fused=True)
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
-    if kind == "rmsprop":  # not elementwise-exact: exercises the full restore after each step
+    if kind == "rmsprop":  # masked gradients are exact for RMSprop too: zero gradient, zero state, zero update
         return torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, weight_decay=1e-3)
+    if kind == "rmsprop_centered":  # also a running mean of the gradient, which must stay zero too
+        return torch.optim.RMSprop(params, lr=1e-3, momentum=0.9, weight_decay=1e-3, centered=True)
     raise ValueError(kind)
 
 
@@ -576,7 +578,9 @@ def test_unfired_growth_prefers_never_fired():
 # --------------------------------------------------------------------------- isolation (frozen)
 
 
-@pytest.mark.parametrize("opt_kind", ["sgd", "adam", "sgd0", "adam0", "adam_fused", "adam_fused_wd", "adamw", "rmsprop"])
+@pytest.mark.parametrize(
+    "opt_kind", ["sgd", "adam", "sgd0", "adam0", "adam_fused", "adam_fused_wd", "adamw", "rmsprop", "rmsprop_centered"]
+)
 @pytest.mark.parametrize("growth", GROWTHS)
 def test_frozen_weights_bit_identical(opt_kind, growth):
     model, masks1, w1 = run_task1(opt_kind)
@@ -622,6 +626,63 @@ def test_frozen_weights_bit_identical(opt_kind, growth):
         own = final[n] & ~fz
         assert torch.equal(p[own], before[n][own])
         assert torch.all(p[~(fz | final[n])] == 0)
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam", "adamw", "rmsprop", "rmsprop_centered"])
+def test_trainable_weights_step_as_with_the_plain_optimizer(opt_kind):
+    """The one step path (masked gradients) is exact: on the trainable weights of a later task,
+    Masking.step() gives bit for bit what the plain optimizer gives on the unmasked gradients,
+    momentum, weight decay and RMSprop's centering included."""
+    model, masks1, _ = run_task1("adam")
+    opt = make_opt(opt_kind, model.parameters())
+    mask = Masking(opt, density=0.3, update_frequency=0, total_steps=20, frozen=clone_masks(masks1), seed=1)
+    mask.add_module(model)
+    params = mask.params
+    ref = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    ref_opt = make_opt(opt_kind, list(ref.values()))
+    start = {n: p.detach().clone() for n, p in params.items()}
+    for x, y in make_batches(8, 4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for n, p in params.items():
+            ref[n].grad = p.grad.clone()
+        ref_opt.step()
+        mask.step()
+        for n, p in params.items():
+            t = mask.trainable[n]
+            assert torch.equal(p.detach()[t], ref[n].detach()[t]), n
+    assert all((params[n].detach() != start[n])[mask.trainable[n]].any() for n in MASKABLE), "nothing trained"
+    check_invariants(model, opt, mask)
+
+
+class _AdamVariant(torch.optim.Adam):
+    """A subclass may change the update: refused like any optimizer not known to be exact."""
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.Adamax(params, lr=1e-2),  # its norm grows by eps on zero gradients
+    lambda params: torch.optim.Adagrad(params, lr=1e-2),
+    lambda params: _AdamVariant(params, lr=1e-2),
+], ids=["Adamax", "Adagrad", "Adam subclass"])
+def test_other_optimizers_are_refused(make):
+    model = build()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make(model.parameters())
+    mask = Masking(opt, density=0.3, total_steps=10)
+    with pytest.raises(ValueError, match=rf"SGD, Adam, AdamW, RMSprop .*not {type(opt).__name__}: .*zero gradient"):
+        mask.add_module(model)
+    assert not mask.masks
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+@pytest.mark.parametrize("growth", ["random", "unfired"])
+def test_sampling_growth_modes_have_no_scores(growth):
+    model = build()
+    mask = Masking(make_opt("adam", model.parameters()), density=0.3, growth=growth, total_steps=10)
+    mask.add_module(model)
+    with pytest.raises(ValueError, match="samples weights directly"):
+        mask.growth_scores("conv1.weight")
 
 
 def test_consolidate_returns_a_copy():
@@ -844,31 +905,30 @@ def test_mask_is_independent_of_weights_drawn_with_the_same_seed():
     assert abs((chosen > 0).float().mean().item() - 0.5) < 0.03
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])  # masked gradients + weight decay; full restore
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])  # both with weight decay: reused indices kept
 @pytest.mark.parametrize("growth", GROWTHS)
 def test_incremental_bookkeeping_matches_a_full_recompute(growth, optimizer):
-    """update_topology updates the derived tensors only where the mask changed; after many
-    updates they must equal what a full recompute from mask, frozen and stored gives. (The
-    fixed values are kept only for optimizers restored after every step, the reused indices
-    only with weight decay.)"""
-    model, masks1, _ = run_task1("adam", growth="random")
+    """update_topology updates each layer's derived tensors only where the mask changed; after
+    many updates they must equal what a full recompute from mask, frozen and stored gives. (The
+    reused indices are kept only with weight decay. The fixed values that an optimizer restored
+    after every step needed are gone with that second step path, and so are their checks.)"""
+    model, masks1, w1 = run_task1("adam", growth="random")
     opt = make_opt(optimizer, model.parameters())
     mask = Masking(opt, density=0.3, growth=growth, update_frequency=2, total_steps=40,
                    frozen=clone_masks(masks1), seed=3)
     mask.add_module(model)
     train(model, opt, mask, make_batches(30, 5))
-    for name, m in mask.masks.items():
-        frozen, stored = mask.frozen[name], mask._stored[name]
+    for name, layer in mask.layers.items():
+        m, frozen = layer.mask, layer.frozen
+        assert m is mask.masks[name] and frozen is mask.frozen[name], name
+        assert torch.equal(layer.stored, torch.where(masks1[name], w1[name], 0.0)), name
         assert torch.equal(mask.trainable[name], m & ~frozen), name
-        if optimizer == "rmsprop":
-            assert torch.equal(mask._fixed[name], torch.where(m & frozen, stored, 0.0)), name
-        else:
-            assert name not in mask._fixed
-        assert torch.equal(torch.sort(mask._active[name]).values, m.flatten().nonzero().squeeze(1)), name
+        assert torch.equal(layer.trainable_uint8, (m & ~frozen).to(torch.uint8)), name
+        assert torch.equal(torch.sort(layer.active).values, m.flatten().nonzero().squeeze(1)), name
         assert torch.equal(mask.fired[name] & m, m), name
         if growth == "unfired":
-            assert mask._fired_count[name] == int(mask.fired[name].sum()), name
-        assert torch.equal(mask._reused[name], (m & frozen).flatten().nonzero().squeeze(1)), name
+            assert layer.fired_count == int(mask.fired[name].sum()), name
+        assert torch.equal(layer.reused, (m & frozen).flatten().nonzero().squeeze(1)), name
 
 
 def test_state_dict_roundtrip_breaks_magnitude_ties_the_same_way():

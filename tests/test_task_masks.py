@@ -155,6 +155,28 @@ def test_save_load_odd_sizes(tmp_path):
             assert torch.equal(loaded[t][k], tasks[t][k]), (t, k)
 
 
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """save() goes through write_atomically: whole file or none, even when writing fails."""
+    tm = TaskMasks()
+    tm.add(hand_masks()[0])
+    path = tmp_path / "m.pt"
+    tm.save(path)
+    before = path.read_bytes()
+    tm.add(hand_masks()[1])
+
+    def fail(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        tm.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    monkeypatch.undo()
+    assert len(TaskMasks.load(path)) == 1
+
+
 def test_apply_masks_and_restores_exactly():
     torch.manual_seed(0)
     model = Net()
