@@ -3,7 +3,7 @@
     python cifar100.py --help
 
 All flags and the training loop are shared with the other benchmark's script
-(utils/cli.py, utils/train.py); this file only names the benchmark.
+(utils/cli.py, utils/experiment.py); this file only names the benchmark.
 """
 
 import sys

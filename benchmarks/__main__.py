@@ -19,7 +19,8 @@ from benchmarks import data_pipeline, loop, memory, step, topology
 from benchmarks.report import TARGETS, Result, format_table, verdicts
 from benchmarks.workload import DEFAULT, QUICK, SHARED_DATA, has_cifar100, load_workload, write_standin_cifar100
 from utils.errors import UserError
-from utils.run_dir import environment, write_json
+from utils.environment import environment
+from utils.run_dir import write_json
 
 FAMILIES: dict[str, Callable[..., Result]] = {
     "data": data_pipeline.run,

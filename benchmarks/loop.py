@@ -32,7 +32,6 @@ import torch
 from benchmarks.report import Result, Row
 from benchmarks.timing import alternating_medians
 from benchmarks.workload import Workload
-from data import Split
 from utils.evaluation import evaluate_row
 from utils.train import Task, batches_per_epoch, train_task
 
@@ -68,7 +67,8 @@ def run_epoch(work: Workload) -> Result:
 def first_images(task: Task, n: int | None) -> Task:
     if n is None:
         return task
-    return dataclasses.replace(task, test=Split(task.test.images[:n], task.test.labels[:n]))
+    test = task.test._replace(images=task.test.images[:n], labels=task.test.labels[:n])
+    return dataclasses.replace(task, test=test)
 
 
 def run_eval(work: Workload) -> Result:
@@ -86,7 +86,8 @@ def run_eval(work: Workload) -> Result:
                 model(x)
 
     def row_of_accuracies() -> None:
-        evaluate_row(model, store, [task.classes for task in tasks], loaders, len(tasks) - 1, config, work.accel)
+        evaluate_row(model, store, [task.classes for task in tasks], loaders, len(tasks) - 1, mode=config.eval,
+                     autocast=work.accel.autocast)
 
     bare, real = alternating_medians([bare_forward, row_of_accuracies], work.device,
                                      repeats=work.repeats.eval_rounds)

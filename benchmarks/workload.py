@@ -14,13 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import DATASET_STATS, Split, TensorLoader
+from data import Split, TensorLoader
 from data.cifar100 import FOLDER, IMAGE_SHAPE, NUM_CLASSES
 from models import build_model
 from sparselearning import Masking, TaskMasks
 from utils.acceleration import Acceleration
 from utils.cli import Config, parse_config
-from utils.train import Task, build_tasks, make_optimizer
+from utils.experiment import build_tasks
+from utils.train import Task, make_optimizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DENSITY, SPARSE_INIT = 0.2, "ERK"
@@ -61,14 +62,14 @@ class Workload:
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return DATASET_STATS[self.config.dataset]
+        """The data set's normalization, as its splits carry it."""
+        return self.tasks[0].train.normalization
 
     def loader(self, split: Split, train: bool) -> TensorLoader:
         """Batches of `split` as the training loop draws them: training batches (shuffled,
         augmented) or test batches."""
-        mean, std = self.mean_std
         batch_size = self.config.batch_size if train else self.config.test_batch_size
-        return TensorLoader(split, batch_size=batch_size, train=train, mean=mean, std=std, device=self.device,
+        return TensorLoader(split, batch_size=batch_size, train=train, device=self.device,
                             channels_last=self.accel.channels_last)
 
     def model(self, seed: int = 0) -> nn.Module:
@@ -158,4 +159,5 @@ def benchmark_config(data_dir: Path, device: str, max_batches: int | None) -> Co
 def load_workload(data_dir: Path, device: str, repeats: Repeats) -> Workload:
     """Read the data set through the training loop's own `build_tasks` (reader and task split)."""
     config = benchmark_config(data_dir, device, repeats.max_batches)
-    return Workload(config, Acceleration.for_run(config), build_tasks(config), repeats)
+    accel = Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
+    return Workload(config, accel, build_tasks(config), repeats)

@@ -1,26 +1,24 @@
-"""Datasets as uint8 tensors, class-incremental task splits and the tensor batch loader."""
+"""Datasets as uint8 tensors, class-incremental task splits and the tensor batch loader.
+
+Every split a reader returns carries its dataset's normalization (`Split.normalization`, from
+`DATASET_STATS`), which `split_tasks` keeps and `TensorLoader` applies. Problems a user can cause
+with data raise `DataError`.
+"""
 
 import logging
 from pathlib import Path
 
 from data.cifar100 import load_cifar100
+from data.errors import DataError
 from data.loader import TensorLoader
 from data.miniimagenet import load_miniimagenet
-from data.split import Split
-from data.tasks import class_order, split_tasks
-from utils.errors import UserError
+from data.split import DATASET_STATS, Normalization, Split
+from data.tasks import CLASS_ORDER_MODES, class_order, split_tasks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Split", "load_dataset", "DATASET_STATS", "class_order", "split_tasks", "TensorLoader"]
-
-# Per-channel (mean, std) of the pixels scaled to [0, 1], for normalization.
-DATASET_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    # Measured on the full official CIFAR-100 training set.
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    # Not measured on miniImageNet: the usual ImageNet statistics, as commonly used for it.
-    "miniImageNet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+__all__ = ["Split", "Normalization", "DataError", "load_dataset", "DATASET_STATS", "CLASS_ORDER_MODES",
+           "class_order", "split_tasks", "TensorLoader"]
 
 
 def load_dataset(
@@ -32,7 +30,8 @@ def load_dataset(
     test_per_class: int = 100,
     seed: int = 0,
 ) -> tuple[Split, Split]:
-    """Return (train, test) of the named dataset ("cifar100" or "miniImageNet") from `data_dir`.
+    """Return (train, test) of the named dataset ("cifar100" or "miniImageNet") from `data_dir`,
+    each carrying the dataset's normalization.
 
     `download` applies to CIFAR-100 only (miniImageNet must be fetched by hand from Kaggle);
     `image_size`, `test_per_class` and `seed` apply to miniImageNet only (CIFAR-100 keeps its
@@ -46,4 +45,4 @@ def load_dataset(
         return load_miniimagenet(
             Path(data_dir), image_size=image_size, test_per_class=test_per_class, seed=seed
         )
-    raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_STATS)}")
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_STATS)}")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.split import Split
-from utils.errors import UserError
+from data.errors import DataError
+from data.split import DATASET_STATS, Split
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,8 @@ IMAGE_SHAPE = (3, 32, 32)
 
 
 def load_cifar100(root: Path, *, download: bool) -> tuple[Split, Split]:
-    """Read `<root>/cifar-100-python/{train,test}` and return (train, test) with fine labels.
+    """Read `<root>/cifar-100-python/{train,test}` and return (train, test) with fine labels,
+    each carrying the CIFAR-100 normalization of `DATASET_STATS`.
 
     When the folder is missing and `download` is true, the official archive is downloaded
     (its md5 is checked) into `root` and extracted there.
@@ -31,7 +32,7 @@ def load_cifar100(root: Path, *, download: bool) -> tuple[Split, Split]:
     folder = root / FOLDER
     if not folder.exists():
         if not download:
-            raise UserError(
+            raise DataError(
                 f"CIFAR-100 not found at {folder}; download {URL} and extract it into {root}, "
                 "pass --data_dir, or allow downloading"
             )
@@ -59,7 +60,7 @@ def _download(root: Path) -> None:
                 raise RuntimeError(f"the archive holds no {FOLDER}/ folder")
             os.replace(extracted, folder)
     except Exception as exc:  # offline, bad md5, disk full, ...: all end the same way for the user
-        raise UserError(
+        raise DataError(
             f"CIFAR-100 not found at {folder} (download failed: {exc}); download {URL} "
             f"and extract it into {root}, or pass --data_dir"
         ) from exc
@@ -68,7 +69,7 @@ def _download(root: Path) -> None:
 def _read_pickle(path: Path) -> Split:
     """Read one official CIFAR-100 pickle into a Split (images uint8 [N, 3, 32, 32])."""
     if not path.is_file():
-        raise UserError(
+        raise DataError(
             f"CIFAR-100 is incomplete: {path} is missing; download {URL} and extract it into "
             f"{path.parent.parent}"
         )
@@ -79,21 +80,21 @@ def _read_pickle(path: Path) -> Split:
         labels = np.asarray(entry["fine_labels"], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
             AttributeError, ImportError, IndexError) as exc:
-        raise UserError(f"cannot read CIFAR-100 file {path}: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"cannot read CIFAR-100 file {path}: {type(exc).__name__}: {exc}") from exc
 
     n = labels.shape[0]
     expected = int(np.prod(IMAGE_SHAPE))
     if data.dtype != np.uint8 or data.shape != (n, expected):
-        raise UserError(
+        raise DataError(
             f"cannot read CIFAR-100 file {path}: expected uint8 data of shape ({n}, {expected}), "
             f"got {data.dtype} {data.shape}"
         )
     if n and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise UserError(
+        raise DataError(
             f"cannot read CIFAR-100 file {path}: fine labels outside 0..{NUM_CLASSES - 1}"
         )
 
     # Each row holds the R, G and B planes of a 32x32 image, row-major: reshaping gives [N, 3, H, W].
     images = torch.from_numpy(np.ascontiguousarray(data.reshape(n, *IMAGE_SHAPE)))
     logger.info("read %d CIFAR-100 images from %s", n, path)
-    return Split(images=images, labels=torch.from_numpy(labels))
+    return Split(images=images, labels=torch.from_numpy(labels), normalization=DATASET_STATS["cifar100"])

@@ -2,7 +2,8 @@
 
 Batches are cut with tensor ops; training batches are shuffled and augmented (random crop with
 zero padding, horizontal flip) by one gather per batch from a view of every crop of every image,
-so loading never becomes the bottleneck.
+so loading never becomes the bottleneck. Batches are normalized with the split's own
+normalization (`Split.normalization`) unless the caller gives `mean=` and `std=`.
 """
 
 import math
@@ -11,8 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from data.split import Split
-from utils.errors import UserError
+from data.split import Normalization, Split
 
 
 class TensorLoader:
@@ -22,6 +22,8 @@ class TensorLoader:
     zero padding by `pad`) and horizontal flip (p=0.5), all drawn from one CPU generator seeded
     once with `seed`, so two loaders with the same seed give identical epochs.
     train=False: fixed order, no augmentation. The last partial batch is kept in both cases.
+    mean, std: per-channel normalization of the pixels scaled to [0, 1]; both or neither. When
+    neither is given the split's `normalization` is used (ValueError if it has none).
     channels_last=True: batches come in channels_last memory format (faster convolutions on GPUs).
     """
 
@@ -31,17 +33,18 @@ class TensorLoader:
         *,
         batch_size: int,
         train: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
         pad: int = 4,
         channels_last: bool = False,
     ) -> None:
         if batch_size < 1:
-            raise UserError(f"batch size must be positive, got {batch_size}")
+            raise ValueError(f"batch size must be positive, got {batch_size}")
         if pad < 0:
-            raise UserError(f"crop padding must be non-negative, got {pad}")
+            raise ValueError(f"crop padding must be non-negative, got {pad}")
+        mean, std = _resolve_normalization(split, mean, std)
         channels = split.images.shape[1]
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean and std need {channels} values, got {len(mean)} and {len(std)}")
@@ -110,6 +113,22 @@ class TensorLoader:
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self._shift, images, self._scale).contiguous(memory_format=self.memory_format)
+
+
+def _resolve_normalization(
+    split: Split, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> Normalization:
+    """The explicit `mean` and `std` when given (both), else the split's own normalization."""
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean= and std=, or neither to use the split's normalization")
+    if mean is not None and std is not None:
+        return Normalization(tuple(mean), tuple(std))
+    if split.normalization is None:
+        raise ValueError(
+            "the split carries no normalization: pass mean= and std=, or build it with "
+            "Split(images, labels, normalization=Normalization(mean, std))"
+        )
+    return split.normalization
 
 
 def augmentation_windows(images: torch.Tensor, pad: int) -> torch.Tensor:

@@ -2,22 +2,23 @@
 
 The first call decodes every JPEG straight out of the zip (nothing is extracted, the zip is never
 touched) and writes all images, resized, as one uint8 array to `miniImageNet_{size}px.npz` next to
-the zip. Later calls read that cache. The train/test split is made per class at load time.
+the zip, whole or not at all. Later calls read that cache. The train/test split is made per class
+at load time; both splits carry the miniImageNet normalization of `DATASET_STATS`.
 """
 
 import logging
-import os
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.split import Split
-from utils.errors import UserError
+from data.errors import DataError
+from data.split import DATASET_STATS, Split
+from sparselearning.atomic_file import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,16 @@ def load_miniimagenet(
 
     Per class, a permutation drawn from `numpy.random.default_rng(seed)` of its sorted file names
     picks the first `test_per_class` images for test, the rest go to train. Within each split
-    samples are ordered by class, then by file name.
+    samples are ordered by class, then by file name. Both carry the miniImageNet normalization.
     """
     root = Path(root)
     if image_size < 1:
-        raise UserError(f"image size must be positive, got {image_size}")
+        raise DataError(f"image size must be positive, got {image_size}")
     if test_per_class < 1:
-        raise UserError(f"test images per class must be positive, got {test_per_class}")
+        raise DataError(f"test images per class must be positive, got {test_per_class}")
     zip_path = root / ZIP_NAME
     if not zip_path.is_file():
-        raise UserError(
+        raise DataError(
             f"miniImageNet not found at {zip_path}; download miniImageNet from Kaggle and put "
             f"{ZIP_NAME} in --data_dir (currently {root})"
         )
@@ -70,7 +71,7 @@ def _split_indices(
     is_test = np.zeros(len(labels), dtype=bool)
     for c in range(num_classes):
         if counts[c] <= test_per_class:
-            raise UserError(
+            raise DataError(
                 f"miniImageNet class {classes[c]} has {counts[c]} images, need more than "
                 f"test_per_class={test_per_class} to leave any for training"
             )
@@ -83,6 +84,7 @@ def _take(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> Split:
     return Split(
         images=torch.from_numpy(np.ascontiguousarray(images[idx])),
         labels=torch.from_numpy(labels[idx].astype(np.int64)),
+        normalization=DATASET_STATS["miniImageNet"],
     )
 
 
@@ -134,35 +136,30 @@ def _write_cache(
     files: list[str],
     classes: list[str],
 ) -> None:
-    """Write the cache atomically (temp file in the same folder, then rename); warn if impossible."""
-    tmp_name = None
+    """Write the cache whole or not at all (`write_atomically`: several runs of a sweep may write
+    it at once); warn if impossible."""
+
+    def write(f: BinaryIO) -> None:
+        np.savez(
+            f,
+            version=np.int64(CACHE_VERSION),
+            image_size=np.int64(image_size),
+            zip_size=np.int64(key[0]),
+            zip_mtime_ns=np.int64(key[1]),
+            images=images,
+            labels=labels,
+            files=np.array(files),
+            classes=np.array(classes),
+        )
+
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                version=np.int64(CACHE_VERSION),
-                image_size=np.int64(image_size),
-                zip_size=np.int64(key[0]),
-                zip_mtime_ns=np.int64(key[1]),
-                images=images,
-                labels=labels,
-                files=np.array(files),
-                classes=np.array(classes),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache is as readable as the zip
-        os.replace(tmp_name, cache)
-        tmp_name = None
-        logger.info("cached decoded miniImageNet images in %s", cache)
+        write_atomically(cache, write, shared=True)
     except OSError as exc:
         logger.warning(
             "could not write cache %s (%s): the zip will be decoded again next time", cache, exc
         )
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.remove(tmp_name)
+        return
+    logger.info("cached decoded miniImageNet images in %s", cache)
 
 
 def _list_jpegs(zf: zipfile.ZipFile, zip_path: Path) -> tuple[list[str], np.ndarray, list[str]]:
@@ -175,13 +172,13 @@ def _list_jpegs(zf: zipfile.ZipFile, zip_path: Path) -> tuple[list[str], np.ndar
         if path.name.startswith("._") or "__MACOSX" in path.parts:  # macOS archive metadata
             continue
         if len(path.parts) < 2:
-            raise UserError(
+            raise DataError(
                 f"{zip_path}: image {name} is not inside a class folder; expected the Kaggle "
                 "layout <wnid>/<file>.jpg"
             )
         by_class.setdefault(path.parent.name, []).append(name)
     if not by_class:
-        raise UserError(
+        raise DataError(
             f"{zip_path} holds no JPEG images; expected the Kaggle layout <wnid>/<file>.jpg"
         )
     classes = sorted(by_class)
@@ -209,9 +206,9 @@ def _decode_zip(
             for i, name in enumerate(tqdm(files, desc="decoding miniImageNet", unit="img", leave=False)):
                 images[i] = _decode_one(zf, name, image_size)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-        raise UserError(f"cannot read {zip_path}: {exc}; download it again") from exc
+        raise DataError(f"cannot read {zip_path}: {exc}; download it again") from exc
     except OSError as exc:  # unreadable zip or corrupt image (PIL raises OSError subclasses)
-        raise UserError(f"cannot read {zip_path}: {exc}") from exc
+        raise DataError(f"cannot read {zip_path}: {exc}") from exc
     return images, labels, files, classes
 
 

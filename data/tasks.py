@@ -5,8 +5,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from data.errors import DataError
 from data.split import Split
-from utils.errors import UserError
 
 CLASS_ORDER_MODES = ("fixed", "random")
 
@@ -21,7 +21,7 @@ def class_order(num_classes: int, mode: str, seed: int) -> list[int]:
         return list(range(num_classes))
     if mode == "random":
         return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
-    raise UserError(f"unknown class order {mode!r}; choose one of {', '.join(CLASS_ORDER_MODES)}")
+    raise DataError(f"unknown class order {mode!r}; choose one of {', '.join(CLASS_ORDER_MODES)}")
 
 
 def split_tasks(
@@ -32,16 +32,16 @@ def split_tasks(
     Task t holds the samples whose original class is in order[t*k : (t+1)*k], in their original
     relative order, with labels remapped to the class's position in `order`, so task t has the
     labels t*k .. t*k+k-1. Classes of `order` past the last task, and classes not in `order`,
-    are left out.
+    are left out. Every task keeps the split's normalization.
     """
     if num_tasks < 1 or classes_per_task < 1:
-        raise UserError(
+        raise DataError(
             f"need at least one task of at least one class, got {num_tasks} tasks of "
             f"{classes_per_task} classes"
         )
     needed = num_tasks * classes_per_task
     if needed > len(order):
-        raise UserError(
+        raise DataError(
             f"{num_tasks} tasks of {classes_per_task} classes need {needed} classes, "
             f"the dataset has {len(order)}"
         )
@@ -58,7 +58,7 @@ def split_tasks(
     if bool((per_position == 0).any()):
         present = int((torch.bincount(labels) > 0).sum()) if labels.numel() else 0
         missing = order[int(torch.nonzero(per_position == 0)[0])]
-        raise UserError(
+        raise DataError(
             f"{num_tasks} tasks of {classes_per_task} classes need {needed} classes, the data set has "
             f"images of {present} classes (none of class {missing})"
         )
@@ -67,5 +67,5 @@ def split_tasks(
     for t in range(num_tasks):
         lo, hi = t * classes_per_task, (t + 1) * classes_per_task
         idx = torch.nonzero((new_labels >= lo) & (new_labels < hi)).squeeze(1)
-        tasks.append(Split(images=split.images[idx].contiguous(), labels=new_labels[idx]))
+        tasks.append(split._replace(images=split.images[idx].contiguous(), labels=new_labels[idx]))
     return tasks

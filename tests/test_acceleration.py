@@ -16,21 +16,25 @@ from utils.cli import parse_config
 from utils.errors import UserError
 
 
+def for_config(config) -> Acceleration:
+    return Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
+
+
 def test_on_the_cpu_everything_is_off_and_amp_is_a_noop_with_a_notice(caplog):
     with caplog.at_level(logging.WARNING):
-        accel = Acceleration.for_run(parse_config(["--device", "cpu", "--amp"], "cifar100"))
+        accel = for_config(parse_config(["--device", "cpu", "--amp"], "cifar100"))
     assert (accel.amp, accel.channels_last, accel.compile) == (False, False, False)
     assert "--amp" in caplog.text and "float32 on cpu" in caplog.text
-    assert isinstance(accel.autocast(), type(Acceleration.for_run(parse_config([], "cifar100")).autocast()))
+    assert isinstance(accel.autocast(), type(for_config(parse_config([], "cifar100")).autocast()))
 
 
 def test_on_cuda_batches_are_channels_last_and_amp_and_compile_are_opt_in(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr("utils.cli._check_compile", lambda device: None)
-    plain = Acceleration.for_run(parse_config(["--device", "cuda"], "cifar100"))
+    plain = for_config(parse_config(["--device", "cuda"], "cifar100"))
     assert (plain.amp, plain.channels_last, plain.compile) == (False, True, False)
-    fast = Acceleration.for_run(parse_config(["--device", "cuda", "--amp", "--compile"], "cifar100"))
+    fast = for_config(parse_config(["--device", "cuda", "--amp", "--compile"], "cifar100"))
     assert (fast.amp, fast.channels_last, fast.compile) == (True, True, True)
 
 

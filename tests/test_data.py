@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 import data
-from data import DATASET_STATS, Split, TensorLoader, class_order, load_dataset, split_tasks
+from data import (DATASET_STATS, DataError, Normalization, Split, TensorLoader, class_order, load_dataset,
+                  split_tasks)
 from data.cifar100 import load_cifar100
 from data.miniimagenet import cache_path, load_miniimagenet
-from utils.errors import UserError
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_CIFAR = REAL_DATA / "cifar-100-python"
@@ -91,6 +91,7 @@ def test_cifar_shapes_dtypes_and_labels(cifar_root):
         assert split.labels.shape == (n,) and split.labels.dtype == torch.int64
         assert split.labels.min() == 0 and split.labels.max() == 99
         assert torch.equal(torch.bincount(split.labels), torch.full((100,), per_class[name]))
+        assert split.normalization == DATASET_STATS["cifar100"]
 
 
 def test_cifar_pixel_layout(tmp_path):
@@ -112,20 +113,20 @@ def test_real_cifar_sizes_and_pixel_statistics():
 
 def test_missing_cifar_without_download_names_the_path(tmp_path):
     root = tmp_path / "nowhere"
-    with pytest.raises(UserError, match="not found") as err:
+    with pytest.raises(DataError, match="not found") as err:
         load_cifar100(root, download=False)
     assert str(root / "cifar-100-python") in str(err.value)
     assert not root.exists()
 
 
-def test_cifar_download_failure_is_a_user_error(tmp_path, monkeypatch):
+def test_cifar_download_failure_is_a_data_error(tmp_path, monkeypatch):
     from torchvision.datasets import utils as tv_utils
 
     def offline(**kwargs):
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
-    with pytest.raises(UserError, match="download failed") as err:
+    with pytest.raises(DataError, match="download failed") as err:
         load_cifar100(tmp_path, download=True)
     assert str(tmp_path / "cifar-100-python") in str(err.value)
     assert os.listdir(tmp_path) == []  # no half-extracted folder left behind
@@ -157,10 +158,10 @@ def test_cifar_download_extracts_into_place(tmp_path, monkeypatch):
     pickle.dumps({"data": np.zeros((2, 5), np.uint8), "fine_labels": [0, 1]}),  # wrong shape
     pickle.dumps({"fine_labels": [0]}),  # no data
 ])
-def test_malformed_cifar_is_a_user_error(tmp_path, content):
+def test_malformed_cifar_is_a_data_error(tmp_path, content):
     write_cifar(tmp_path)
     (tmp_path / "cifar-100-python" / "train").write_bytes(content)
-    with pytest.raises(UserError, match="cannot read CIFAR-100"):
+    with pytest.raises(DataError, match="cannot read CIFAR-100"):
         load_cifar100(tmp_path, download=False)
 
 
@@ -251,6 +252,9 @@ def test_miniimagenet_cache_and_no_side_effects(mini_root, open_calls):
     cache = cache_path(root, 32)
     assert cache.name == "miniImageNet_32px.npz" and cache.is_file()
     assert tree(root) == before | {cache.name}  # nothing extracted, no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as any file the user makes
     assert zip_path.stat().st_size == stat.st_size and zip_path.stat().st_mtime_ns == stat.st_mtime_ns
     assert hashlib.sha256(zip_path.read_bytes()).hexdigest() == digest
 
@@ -269,6 +273,7 @@ def test_miniimagenet_splits(mini_root):
     for split in (train, test):
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 32, 32)
         assert split.images.is_contiguous() and split.labels.dtype == torch.int64
+        assert split.normalization == DATASET_STATS["miniImageNet"]
     if kind == "real":
         assert len(train.labels) == 5000 and len(test.labels) == 1000
         assert torch.equal(torch.bincount(test.labels), torch.full((100,), 10))
@@ -313,6 +318,22 @@ def test_miniimagenet_image_size_and_separate_caches(tmp_path):
     assert cache_path(tmp_path, 16).is_file() and cache_path(tmp_path, 40).is_file()
 
 
+def test_miniimagenet_failed_cache_write_is_only_a_warning(tmp_path, monkeypatch, caplog):
+    write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
+    real_savez = np.savez
+
+    def disk_full(file, **arrays):
+        real_savez(file, **arrays)  # half of the file is written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with caplog.at_level("WARNING", logger="data.miniimagenet"):
+        train, test = load_miniimagenet(tmp_path, test_per_class=GEN_TEST_PER_CLASS)
+    assert len(train.labels) + len(test.labels) == sum(GEN_CLASSES.values())
+    assert "could not write cache" in caplog.text and "No space left on device" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # no cache, no temp file
+
+
 def test_miniimagenet_changed_zip_is_decoded_again(tmp_path, open_calls):
     zip_path = tmp_path / "miniImageNet.zip"
     write_mini_zip(zip_path, GEN_CLASSES)
@@ -336,33 +357,33 @@ def test_miniimagenet_changed_zip_is_decoded_again(tmp_path, open_calls):
 
 
 def test_miniimagenet_missing_zip_names_the_path(tmp_path):
-    with pytest.raises(UserError, match="Kaggle") as err:
+    with pytest.raises(DataError, match="Kaggle") as err:
         load_miniimagenet(tmp_path)
     assert str(tmp_path / "miniImageNet.zip") in str(err.value)
 
 
-def test_miniimagenet_bad_zips_are_user_errors(tmp_path):
+def test_miniimagenet_bad_zips_are_data_errors(tmp_path):
     zip_path = tmp_path / "miniImageNet.zip"
     zip_path.write_bytes(b"PK\x03\x04 this is not really a zip")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(DataError, match="cannot read"):
         load_miniimagenet(tmp_path)
 
     with zipfile.ZipFile(zip_path, "w") as zf:
         zf.writestr("n01000000/readme.txt", b"no images here")
-    with pytest.raises(UserError, match="no JPEG"):
+    with pytest.raises(DataError, match="no JPEG"):
         load_miniimagenet(tmp_path)
 
     with zipfile.ZipFile(zip_path, "w") as zf:
         zf.writestr("n01000000/n0100000000000001.jpg", b"\xff\xd8 truncated jpeg")
         zf.writestr("n01000000/n0100000000000002.jpg", jpeg_bytes("n01000000", 2))
-    with pytest.raises(UserError, match="n0100000000000001.jpg"):
+    with pytest.raises(DataError, match="n0100000000000001.jpg"):
         load_miniimagenet(tmp_path, test_per_class=1)
     assert sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # no cache of a failed decode
 
 
 def test_miniimagenet_too_few_images_per_class(tmp_path):
     write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
-    with pytest.raises(UserError, match="n01000000 has 8 images"):
+    with pytest.raises(DataError, match="n01000000 has 8 images"):
         load_miniimagenet(tmp_path, test_per_class=8)
 
 
@@ -376,9 +397,11 @@ def test_load_dataset_dispatches(tmp_path):
     write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
     train, test = load_dataset("cifar100", tmp_path, download=False)
     assert len(train.labels) == 200 and len(test.labels) == 100
+    assert train.normalization == test.normalization == DATASET_STATS["cifar100"]
     train, test = load_dataset("miniImageNet", tmp_path, image_size=8, test_per_class=2, seed=3)
     assert train.images.shape[2:] == (8, 8) and len(test.labels) == 2 * len(GEN_CLASSES)
-    with pytest.raises(UserError, match="unknown dataset"):
+    assert train.normalization == test.normalization == DATASET_STATS["miniImageNet"]
+    with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("cifar10", tmp_path)
 
 
@@ -386,8 +409,9 @@ def test_dataset_stats():
     assert set(DATASET_STATS) == {"cifar100", "miniImageNet"}
     for mean, std in DATASET_STATS.values():
         assert len(mean) == len(std) == 3 and all(0 < v < 1 for v in (*mean, *std))
-    assert set(data.__all__) == {"Split", "load_dataset", "DATASET_STATS", "class_order",
-                                 "split_tasks", "TensorLoader"}
+    assert DATASET_STATS["cifar100"].mean == DATASET_STATS["cifar100"][0]
+    assert set(data.__all__) == {"Split", "Normalization", "DataError", "load_dataset", "DATASET_STATS",
+                                 "CLASS_ORDER_MODES", "class_order", "split_tasks", "TensorLoader"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +426,7 @@ def test_class_order():
     assert all(type(c) is int for c in order)
     assert order == class_order(100, "random", seed=7)
     assert order != class_order(100, "random", seed=8)
-    with pytest.raises(UserError, match="class order"):
+    with pytest.raises(DataError, match="class order"):
         class_order(100, "shuffled", seed=0)
 
 
@@ -440,8 +464,16 @@ def test_split_tasks_fixed_order_and_too_many_tasks():
     for t, task in enumerate(tasks):
         assert torch.equal(task.labels, split.labels[task.images[:, 0, 0, 0].long()])
         assert set(task.labels.tolist()) == {2 * t, 2 * t + 1}
-    with pytest.raises(UserError, match="need 8 classes"):
+    with pytest.raises(DataError, match="need 8 classes"):
         split_tasks(split, list(range(6)), num_tasks=4, classes_per_task=2)
+
+
+def test_split_tasks_keeps_the_normalization():
+    plain = labelled_split(num_classes=4, per_class=2)
+    assert all(task.normalization is None for task in split_tasks(plain, [0, 1, 2, 3], 2, 2))
+    split = plain._replace(normalization=DATASET_STATS["miniImageNet"])
+    for task in split_tasks(split, [3, 1, 0, 2], num_tasks=2, classes_per_task=2):
+        assert task.normalization == DATASET_STATS["miniImageNet"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,10 +502,8 @@ def epoch(loader: TensorLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("train", [True, False])
 def test_loader_batches_shapes_and_dtypes(train):
-    split = indexed_split(10, size=8)
-    mean, std = DATASET_STATS["cifar100"]
-    loader = TensorLoader(split, batch_size=4, train=train, mean=mean, std=std,
-                          device=torch.device("cpu"))
+    split = indexed_split(10, size=8)._replace(normalization=DATASET_STATS["cifar100"])
+    loader = TensorLoader(split, batch_size=4, train=train, device=torch.device("cpu"))
     assert len(loader) == 3
     batches = list(loader)
     assert [len(y) for _, y in batches] == [4, 4, 2]
@@ -485,9 +515,9 @@ def test_loader_batches_shapes_and_dtypes(train):
 
 
 def test_eval_loader_is_fixed_and_plainly_normalized():
-    split = indexed_split(50)
     mean, std = DATASET_STATS["cifar100"]
-    loader = TensorLoader(split, batch_size=16, train=False, mean=mean, std=std, seed=1)
+    split = indexed_split(50)._replace(normalization=Normalization(mean, std))
+    loader = TensorLoader(split, batch_size=16, train=False, seed=1)  # the split's own normalization
     x1, y1 = epoch(loader)
     x2, y2 = epoch(loader)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -495,6 +525,29 @@ def test_eval_loader_is_fixed_and_plainly_normalized():
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     plain = (split.images.float() / 255 - mean_t) / std_t
     assert torch.allclose(x1, plain, atol=1e-5, rtol=0)
+
+
+def test_explicit_mean_and_std_override_the_splits_normalization():
+    split = indexed_split(20, size=8)
+    with pytest.raises(ValueError, match="carries no normalization: pass mean= and std="):
+        TensorLoader(split, batch_size=4, train=False)
+    with pytest.raises(ValueError, match="both mean= and std=, or neither"):
+        TensorLoader(split._replace(normalization=DATASET_STATS["cifar100"]), batch_size=4, train=False,
+                     mean=(0.0, 0.0, 0.0))
+    own = split._replace(normalization=Normalization(**IDENTITY))
+    x, _ = epoch(TensorLoader(own, batch_size=4, train=False))
+    assert torch.equal(to_pixels(x), split.images)
+    overridden = split._replace(normalization=DATASET_STATS["cifar100"])
+    x, _ = epoch(TensorLoader(overridden, batch_size=4, train=False, **IDENTITY))
+    assert torch.equal(to_pixels(x), split.images)
+
+
+def test_loader_argument_mistakes_are_value_errors():
+    split = indexed_split(4, size=8)
+    with pytest.raises(ValueError, match="batch size must be positive, got 0"):
+        TensorLoader(split, batch_size=0, train=True, **IDENTITY)
+    with pytest.raises(ValueError, match="crop padding must be non-negative, got -1"):
+        TensorLoader(split, batch_size=2, train=True, pad=-1, **IDENTITY)
 
 
 def test_train_loader_visits_each_sample_once_per_epoch_and_reshuffles():

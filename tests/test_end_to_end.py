@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparselearning import TaskMasks
-from utils import run_dir, train
+from utils import experiment, run_dir, train
 from utils.entry import main
 
 CHECKPOINT, RESULTS = run_dir.CHECKPOINT_FILE, run_dir.RESULTS_FILE
@@ -91,7 +91,7 @@ def test_resume_after_a_task_continues_identically(cifar_dir, tmp_path, monkeypa
     reference = run("cifar100", cifar_dir, tmp_path / "ref", *SMALL)
 
     calls = []
-    real_train_task = train.train_task
+    real_train_task = experiment.train_task
 
     def interrupted(*args, **kwargs):
         if calls:
@@ -99,12 +99,12 @@ def test_resume_after_a_task_continues_identically(cifar_dir, tmp_path, monkeypa
         calls.append(1)
         return real_train_task(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_task", interrupted)
+    monkeypatch.setattr(experiment, "train_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run("cifar100", cifar_dir, tmp_path / "cut", *SMALL)
     assert not (tmp_path / "cut" / RESULTS).exists()
     assert run_dir.load_checkpoint(tmp_path / "cut" / CHECKPOINT)["tasks_done"] == 1
-    monkeypatch.setattr(train, "train_task", real_train_task)
+    monkeypatch.setattr(experiment, "train_task", real_train_task)
 
     resumed = run("cifar100", cifar_dir, tmp_path / "cut", *SMALL, "--resume")
     assert resumed["acc_matrix"] == reference["acc_matrix"]
@@ -188,9 +188,8 @@ def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, tmp_pat
 def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp_path):
     """The run reuses the accuracy of a network whose weights did not change; here every task's
     network is tested again, from the final checkpoint, on its test set: the same numbers."""
-    from data import DATASET_STATS, TensorLoader
+    from data import TensorLoader
     from models import build_model
-    from utils.acceleration import Acceleration
     from utils.cli import parse_config
     from utils.evaluation import evaluate_row
 
@@ -205,10 +204,8 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
     model = build_model(config.net_name, config.num_classes)
     model.load_state_dict(checkpoint["model"])
     store = TaskMasks.from_state_dict(checkpoint["task_masks"])
-    tasks = train.build_tasks(config)
-    mean, std = DATASET_STATS["cifar100"]
-    loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False, mean=mean, std=std)
-               for task in tasks]
-    row = evaluate_row(model, store, [task.classes for task in tasks], loaders, 2, config,
-                       Acceleration.for_run(config))  # no EvaluatedNetworks: every cell measured
+    tasks = experiment.build_tasks(config)
+    loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False) for task in tasks]
+    row = evaluate_row(model, store, [task.classes for task in tasks], loaders, 2,
+                       mode=config.eval)  # no EvaluatedNetworks: every cell measured
     assert row.tolist() == acc[-1].tolist() == [acc[0, 0], acc[1, 1], acc[2, 2]]

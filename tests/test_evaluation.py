@@ -36,3 +36,29 @@ def test_dense_networks_are_always_tested():
     for _ in range(2):
         tested.accuracy(model, TaskMasks(), 0, lambda: tests.append(1) or 10.0)
     assert len(tests) == 2
+
+
+def test_a_change_of_an_unmasked_bias_or_a_batchnorm_buffer_is_seen():
+    """Biases and BatchNorm statistics are outside the masks, but the network computes with them:
+    a change to either must make the task's network be tested again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(6, 3, bias=False))
+    masks = {name: torch.rand(module.weight.shape) < 0.5
+             for name, module in (("0.weight", model[0]), ("2.weight", model[2]))}
+    store = TaskMasks()
+    store.add(masks)
+    tests = []
+
+    def test() -> float:
+        tests.append(1)
+        return float(len(tests))
+
+    tested = EvaluatedNetworks()
+    assert tested.accuracy(model, store, 0, test) == 1.0
+    with torch.no_grad():
+        model[0].bias += 0.5  # an unmasked parameter, changed in place
+    assert tested.accuracy(model, store, 0, test) == 2.0
+    model.train()
+    model(torch.randn(16, 8))  # BatchNorm updates its running statistics in place
+    assert tested.accuracy(model, store, 0, test) == 3.0
+    assert tested.accuracy(model, store, 0, test) == 3.0 and len(tests) == 3  # unchanged again: not re-run

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from utils.cli import Config
-
 log = logging.getLogger(__name__)
 
 
@@ -36,12 +34,13 @@ class Acceleration:
     compile: bool
 
     @classmethod
-    def for_run(cls, config: Config) -> Acceleration:
-        device = torch.device(config.device)
+    def for_device(cls, device: str | torch.device, *, amp: bool = False, compile: bool = False) -> Acceleration:
+        """The settings a run on `device` uses, given whether --amp and --compile were asked for."""
+        device = torch.device(device)
         cuda = device.type == "cuda"
-        if config.amp and not cuda:
+        if amp and not cuda:
             log.warning("--amp: bfloat16 autocast is used on CUDA only; running in float32 on %s", device)
-        return cls(device=device, amp=config.amp and cuda, channels_last=cuda, compile=config.compile)
+        return cls(device=device, amp=amp and cuda, channels_last=cuda, compile=compile)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for forward passes: bfloat16 autocast with --amp, else nothing."""

@@ -22,10 +22,13 @@ from typing import Any, Sequence
 
 import torch
 
+from data import CLASS_ORDER_MODES, DATASET_STATS
+from models import MODELS
+from sparselearning import DEATH_MODES, GROWTH_MODES, NEW_WEIGHTS, SPARSE_INITS
 from utils.errors import UserError
 
-BENCHMARKS: tuple[str, ...] = ("cifar100", "miniImageNet")
-"""The canonical dataset names; also the values of ``Config.dataset``."""
+BENCHMARKS: tuple[str, ...] = tuple(DATASET_STATS)
+"""The canonical dataset names (those the data package reads); also the values of ``Config.dataset``."""
 
 SCRIPTS: dict[str, str] = {"cifar100": "cifar100.py", "miniImageNet": "miniImageNet100.py"}
 """The entry script of each benchmark (used as ``prog`` and in error messages)."""
@@ -42,14 +45,20 @@ _DATASET_ALIASES: dict[str, str] = {
     "miniimagenet": "miniImageNet",
     "miniimagenet100": "miniImageNet",  # the authors' spelling
 }
-_INIT_ALIASES: dict[str, str] = {"erk": "ERK", "uniform": "uniform"}
+_INIT_ALIASES: dict[str, str] = {name.lower(): name for name in SPARSE_INITS}
 _GROWTH_ALIASES: dict[str, str] = {
-    "random": "random",
-    "unfired": "unfired",
+    **{name: name for name in GROWTH_MODES},
     "random_unfired": "unfired",  # the authors' name for it
-    "momentum": "momentum",
-    "gradient": "gradient",
 }
+KEEP_MODES = ("best_train", "last")
+EVAL_MODES = ("task", "all_logits")
+OPTIMIZERS = ("adam", "sgd")
+
+RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
+    "output_dir", "resume", "overwrite", "data_dir", "download", "checkpoint_every")
+"""Settings that do not change a run's results: ``--resume`` accepts them changed, and a report's
+table may mix runs that differ in them. Not ``device``: a CPU and a CUDA run of one seed draw
+different random streams, so they are different experiments."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +186,17 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
 
-    data = parser.add_argument_group("benchmark and task split")
+    _add_data_flags(parser.add_argument_group("benchmark and task split"), benchmark)
+    _add_training_flags(parser.add_argument_group("model and training"), benchmark)
+    _add_sparse_flags(parser.add_argument_group("dynamic sparse training"))
+    _add_run_flags(parser.add_argument_group("run"), benchmark)
+    _add_speed_flags(parser.add_argument_group(
+        "speed (GPU)", "On CUDA, input batches are channels_last and the data sets live on the GPU, "
+        "always; --amp and --compile are opt-in."))
+    return parser
+
+
+def _add_data_flags(data: argparse._ArgumentGroup, benchmark: str) -> None:
     data.add_argument(
         "--dataset",
         type=_alias_type(_DATASET_ALIASES),
@@ -191,7 +210,7 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     data.add_argument("--num_classes", type=int, default=100,
                       help="classes used in total; must equal num_tasks * num_classes_per_task")
     data.add_argument("--num_classes_per_task", type=int, default=10, help="classes per task")
-    data.add_argument("--class_order", choices=("fixed", "random"), default="fixed",
+    data.add_argument("--class_order", choices=CLASS_ORDER_MODES, default="fixed",
                       help="fixed: classes 0..99 in order (authors); random: a permutation "
                       "drawn from --seed")
     data.add_argument("--data_dir", type=Path, default=Path("data"),
@@ -203,9 +222,10 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     data.add_argument("--test_per_class", type=int, default=100,
                       help="miniImageNet: test images held out per class")
 
-    train = parser.add_argument_group("model and training")
-    train.add_argument("--net_name", choices=("resnet18",), default="resnet18", help="backbone")
-    train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+
+def _add_training_flags(train: argparse._ArgumentGroup, benchmark: str) -> None:
+    train.add_argument("--net_name", choices=tuple(MODELS), default="resnet18", help="backbone")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                        help="a fresh optimizer per task")
     train.add_argument("--lr", type=float, default=1e-3,
                        help="learning rate (x0.1 at 50%% and 75%% of the epochs)")
@@ -218,27 +238,28 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     train.add_argument("--test_batch_size", type=int, default=128,
                        help="evaluation batch size; BatchNorm uses batch statistics (no "
                        "running averages), so results depend on it")
-    train.add_argument("--keep", choices=("best_train", "last"), default="best_train",
+    train.add_argument("--keep", choices=KEEP_MODES, default="best_train",
                        help="which epoch's weights and mask a task keeps: the one with the best "
                        "training accuracy (authors) or the last")
-    train.add_argument("--eval", choices=("task", "all_logits"), default="task",
+    train.add_argument("--eval", choices=EVAL_MODES, default="task",
                        help="prediction = argmax over the task's own classes (task id given), "
                        "or over all classes (authors)")
     train.add_argument("--seed", type=int, default=0, help="seed of every random generator, >= 0")
 
-    sparse = parser.add_argument_group("dynamic sparse training")
+
+def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
     sparse.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
                         help="train sparse sub-networks (--no-sparse: the dense baseline)")
     sparse.add_argument("--density", type=float, default=0.2,
                         help="fraction of weights each task may use, in (0, 1]")
     sparse.add_argument("--sparse_init", "--init", type=_alias_type(_INIT_ALIASES),
-                        choices=("ERK", "uniform"), default="uniform",
+                        choices=SPARSE_INITS, default="uniform",
                         help="per-layer density allocation (case-insensitive; --init is an "
                         "alias of --sparse_init)")
-    sparse.add_argument("--death", choices=("magnitude",), default="magnitude",
+    sparse.add_argument("--death", choices=DEATH_MODES, default="magnitude",
                         help="pruning criterion")
     sparse.add_argument("--growth", type=_alias_type(_GROWTH_ALIASES),
-                        choices=("random", "unfired", "momentum", "gradient"), default="random",
+                        choices=GROWTH_MODES, default="random",
                         help="regrowth criterion (alias: random_unfired = unfired)")
     sparse.add_argument("--death_rate", type=float, default=0.5,
                         help="initial fraction of a task's active weights pruned at each "
@@ -249,11 +270,12 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     sparse.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="freeze the weights of earlier tasks (parameter isolation); needs "
                         "--sparse (default: True; False with --no-sparse)")
-    sparse.add_argument("--new_weights", choices=("zero", "init"), default="zero",
+    sparse.add_argument("--new_weights", choices=NEW_WEIGHTS, default="zero",
                         help="never-used weights entering a later task's mask start at zero "
                         "(authors) or at a fresh draw of the layer's default init")
 
-    run = parser.add_argument_group("run")
+
+def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
     run.add_argument("--output_dir", type=Path, default=None,
                      help="run directory (default: runs/<name>, e.g. runs/"
                      + run_name(benchmark, 10, True, "uniform", "random", 0.2, 0, True) + ")")
@@ -271,16 +293,14 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
                      help="cap on batches per epoch, for debugging and smoke runs "
                      "(default: None = no cap)")
 
-    speed = parser.add_argument_group(
-        "speed (GPU)", "On CUDA, input batches are channels_last and the data sets live on the GPU, "
-        "always; --amp and --compile are opt-in.")
+
+def _add_speed_flags(speed: argparse._ArgumentGroup) -> None:
     speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                        help="bfloat16 autocast on CUDA (changes the numerics; a no-op with a notice "
                        "on other devices)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model (pays off on long GPU runs; the first "
                        "batches are slow while it compiles)")
-    return parser
 
 
 def _validate_device(name: str) -> str:
@@ -392,42 +412,5 @@ def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
     device = _validate_device(_default_device() if args.device is None else args.device)
     if args.compile:
         _check_compile(device)
-    return Config(
-        dataset=args.dataset,
-        num_tasks=args.num_tasks,
-        num_classes=args.num_classes,
-        num_classes_per_task=args.num_classes_per_task,
-        net_name=args.net_name,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        l2=args.l2,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        test_batch_size=args.test_batch_size,
-        sparse=args.sparse,
-        density=args.density,
-        sparse_init=args.sparse_init,
-        death=args.death,
-        growth=args.growth,
-        death_rate=args.death_rate,
-        update_frequency=args.update_frequency,
-        isolate=isolate,
-        new_weights=args.new_weights,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        output_dir=output_dir,
-        device=device,
-        image_size=args.image_size,
-        test_per_class=args.test_per_class,
-        class_order=args.class_order,
-        keep=args.keep,
-        eval=args.eval,
-        download=args.download,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        checkpoint_every=args.checkpoint_every,
-        max_batches=args.max_batches,
-        amp=args.amp,
-        compile=args.compile,
-    )
+    flags = {field.name: getattr(args, field.name) for field in dataclasses.fields(Config)}
+    return Config(**{**flags, "isolate": isolate, "output_dir": output_dir, "device": device})

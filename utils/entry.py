@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from data import DataError
 from utils.cli import parse_config
 from utils.errors import NonFiniteLoss, UserError
 from utils.metrics import format_report
@@ -22,17 +23,18 @@ class ConsoleHandler(logging.Handler):
 
 def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
     """Run one experiment; return the exit code: 0 done, 1 training diverged, 2 a mistake the user
-    can fix (flags, output directory, data), each reported as one line on stderr."""
+    can fix (flags, output directory: UserError; data: the data package's DataError), each reported
+    as one line on stderr."""
     console = ConsoleHandler()
     console.setLevel(logging.INFO)
     console.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[console])
     try:
         config = parse_config(argv, benchmark)
-        from utils.train import run  # after parsing, so --help and flag errors stay fast
+        from utils.experiment import run  # after parsing, so --help and flag errors stay fast
 
         results = run(config)
-    except UserError as error:
+    except (UserError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:

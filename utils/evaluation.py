@@ -18,8 +18,6 @@ import torch.nn as nn
 
 from data import TensorLoader
 from sparselearning import TaskMasks
-from utils.acceleration import Acceleration
-from utils.cli import Config
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +67,15 @@ class EvaluatedNetworks:
 
     @staticmethod
     def weights(model: nn.Module, task_masks: TaskMasks, index: int) -> list[torch.Tensor]:
-        """Everything task `index`'s network computes with: its mask's entries of the masked
-        parameters, every other parameter and every buffer whole."""
+        """Copies of everything task `index`'s network computes with: its mask's entries of the
+        masked parameters, every other parameter and every buffer whole. (Copies: a view would
+        change with the model and always compare equal.)"""
         masks = task_masks[index]
         values = []
         for name, param in model.named_parameters():
             mask = masks.get(name)
-            values.append(param.detach() if mask is None else param.detach()[mask.to(param.device)])
-        return values + [buffer.detach() for buffer in model.buffers()]
+            values.append(param.detach().clone() if mask is None else param.detach()[mask.to(param.device)])
+        return values + [buffer.detach().clone() for buffer in model.buffers()]
 
     def accuracy(self, model: nn.Module, task_masks: TaskMasks, index: int, test: Callable[[], float]) -> float:
         """Task `index`'s accuracy on its own test set: `test()`, unless the network is unchanged."""
@@ -94,21 +93,24 @@ class EvaluatedNetworks:
 
 
 def evaluate_row(
-    model: nn.Module, task_masks: TaskMasks, classes: list[slice], loaders: list[TensorLoader], i: int,
-    config: Config, accel: Acceleration, tested: EvaluatedNetworks | None = None,
+    model: nn.Module, task_masks: TaskMasks, classes: list[slice], loaders: list[TensorLoader], i: int, *,
+    mode: str, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    tested: EvaluatedNetworks | None = None,
 ) -> np.ndarray:
     """Row i of the accuracy matrix, measured now (right after training task i).
 
-    `classes[j]` and `loaders[j]` are task j's classifier slice and test batches. With `tested`,
-    a network tested before with the same weights keeps its accuracy (see EvaluatedNetworks).
+    `classes[j]` and `loaders[j]` are task j's classifier slice and test batches; `mode` is how a
+    prediction is made (see `predictions`), `autocast` the forward passes' context. Above the
+    diagonal, task j's labels are shifted onto task i's classes. With `tested`, a network tested
+    before with the same weights keeps its accuracy (see EvaluatedNetworks).
     """
     row = np.full(len(loaders), np.nan)
     for j, loader in enumerate(loaders):
         network = min(i, j)
-        shift = (j - i) * config.num_classes_per_task if j > i else 0
+        shift = classes[j].start - classes[i].start if j > i else 0
         with task_network(model, task_masks, network):
             def test() -> float:
-                return evaluate(model, loader, classes[network], config.eval, shift, accel.autocast)
+                return evaluate(model, loader, classes[network], mode, shift, autocast)
 
             own = j <= i and tested is not None
             row[j] = tested.accuracy(model, task_masks, j, test) if own else test()

@@ -40,7 +40,6 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 import sys
 from collections import defaultdict
@@ -49,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparselearning import write_atomically
+from utils.cli import RESULT_NEUTRAL_SETTINGS
 from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, PROGRESS_FILE, RESULTS_FILE, write_text
 
 FIGURES_HINT = "pip install -r requirements-figures.txt"
@@ -56,9 +57,9 @@ INIT_ORDER = ("ERK", "uniform")
 GROWTH_ORDER = ("random", "unfired", "momentum", "gradient")
 SHOWN_SETTINGS = ("num_classes_per_task", "epochs", "update_frequency", "max_batches")
 # Settings that may differ between the runs of one table: the table's own axes, and settings
-# that do not change results (those --resume accepts changed, utils.train.RESUME_MAY_DIFFER).
+# that do not change results (those --resume accepts changed).
 TABLE_AXES = ("dataset", "num_tasks", "sparse", "isolate", "sparse_init", "growth", "density", "seed",
-              "output_dir", "resume", "overwrite", "device", "data_dir", "download", "checkpoint_every")
+              *RESULT_NEUTRAL_SETTINGS)
 CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "sparse", "isolate", "sparse_init", "growth",
                 "density", "update_frequency", "epochs", "seed")
 CSV_METRICS = ("acc", "bwt", "fwt", "forgetting")
@@ -333,14 +334,11 @@ def load_pyplot():
 
 
 def save_figure(plt, figure, path: Path) -> None:
-    """Save as PNG to a temporary name next to ``path``, then rename it over ``path``."""
+    """Save as PNG to ``path``, atomically, and close the figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(figure)
 
 

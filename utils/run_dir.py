@@ -1,23 +1,28 @@
-"""The run directory: config, log, results and checkpoint, each written whole or not at all.
+"""The run directory: its files, how they are written, and whether a run may use the directory.
 
-Every file goes to a hidden temporary name in the same directory first, is flushed and fsynced,
-and is then renamed over the target (`os.replace` is atomic on POSIX), so a crash at any moment
-leaves the old file or the new one, never half a file. (The log is the exception: it is appended.)
+Every file but the log is written whole or not at all (`sparselearning.write_atomically`: a
+temporary name, flushed, fsynced and renamed), so a crash at any moment leaves the old file or
+the new one, never half a file. The log is appended.
+
+The output-directory policy: a directory holding a finished run is refused unless `--resume`
+(which returns its results) or `--overwrite`; one holding an unfinished run unless `--resume`
+(which continues it) or `--overwrite` (which deletes the run's own files, nothing else).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
-import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from sparselearning import write_atomically
+from utils.cli import RESULT_NEUTRAL_SETTINGS, Config
+from utils.errors import UserError
+
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.txt"
@@ -25,40 +30,15 @@ LOG_FILE = "train.log"
 CHECKPOINT_FILE = "checkpoint.pt"  # the run after its last finished task
 PROGRESS_FILE = "task_in_progress.pt"  # the task being trained, every --checkpoint_every epochs
 RUN_FILES = (CONFIG_FILE, RESULTS_FILE, REPORT_FILE, LOG_FILE, CHECKPOINT_FILE, PROGRESS_FILE)
+PROJECT_LOGGERS = ("data", "models", "sparselearning", "utils")
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write` on a hidden temporary file next to `path`, make it durable (flush, fsync),
-    rename it over `path`, and fsync the directory so that the rename survives a power cut."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# ---------------------------------------------------------------------------- files
 
 
 def write_text(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
-    _write_atomically(path, lambda f: f.write(text.encode()))
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -68,14 +48,11 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """`torch.save` to `path` atomically."""
-    _write_atomically(path, lambda f: torch.save(state, f))
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-PROJECT_LOGGERS = ("data", "models", "sparselearning", "utils")
 
 
 def attach_log_file(output_dir: Path) -> logging.Handler:
@@ -92,38 +69,70 @@ def attach_log_file(output_dir: Path) -> logging.Handler:
     return handler
 
 
-def git_commit() -> str | None:
-    """The project's current git commit, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
+# ---------------------------------------------------------------------------- the policy
+
+
+@dataclass
+class Resumable:
+    """What an output directory already holds: a finished run's results, the run after its last
+    finished task, and the task in progress (each None when absent)."""
+
+    finished: dict[str, Any] | None = None
+    saved: dict[str, Any] | None = None
+    in_progress: dict[str, Any] | None = None
+
+
+def inspect_output_dir(config: Config) -> Resumable:
+    """Decide, without writing anything, whether the run may use `--output_dir`, and load what
+    `--resume` continues from (see the module's docstring for the policy)."""
+    out = config.output_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a directory")
+    paths = {name: out / name for name in (RESULTS_FILE, CHECKPOINT_FILE, PROGRESS_FILE)}
+    present = [name for name, path in paths.items() if path.exists()]
+    if not present or config.overwrite:
+        return Resumable()
+    results = _read_results(paths[RESULTS_FILE])
+    finished = results is not None and results.get("complete", True)
+    if not config.resume:
+        state = "a finished run" if finished else "an unfinished run"
+        raise UserError(f"{out} holds {state}; pass --resume to "
+                        f"{'print its results' if finished else 'continue it'} or --overwrite to start again")
+    if finished:
+        _check_same_config(config, results)
+        return Resumable(finished=results)
+    saved, in_progress = (load_checkpoint(paths[name]) if paths[name].exists() else None
+                          for name in (CHECKPOINT_FILE, PROGRESS_FILE))
+    for state in (saved, in_progress):
+        _check_same_config(config, state)
+    return Resumable(saved=saved, in_progress=in_progress)
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path} ({error}); pass --overwrite to start again") from None
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """What a result depends on besides the config: versions, device and code revision."""
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "cpu_cores": os.cpu_count(),
-        "cpu_threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-    }
+def _check_same_config(config: Config, state: dict[str, Any] | None) -> None:
+    now = config.to_dict()
+    changed = [k for k, v in (state or {}).get("config", {}).items()
+               if k not in RESULT_NEUTRAL_SETTINGS and now.get(k) != v]
+    if changed:
+        raise UserError(f"--resume: {config.output_dir} was run with other settings ({', '.join(changed)}); "
+                        "use a new --output_dir")
+
+
+def create_output_dir(config: Config) -> None:
+    """Make the run directory; with --overwrite, remove the files of the run it held."""
+    out = config.output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output directory {out}: {error.strerror}") from None

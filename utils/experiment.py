@@ -1,0 +1,159 @@
+"""The task-incremental run: for each task, train a sparse sub-network, then test every task.
+
+`run(config)` is the whole experiment; both entry scripts call it. Reading order: `run` ->
+`utils.train.train_task` (one task) -> `utils.evaluation.evaluate_row` (a row of the accuracy
+matrix); `utils.run_dir` owns the run directory's files and the policy for reusing one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from data import TensorLoader, class_order, load_dataset, split_tasks
+from models import build_model
+from sparselearning import TaskMasks
+from utils import run_dir
+from utils.acceleration import Acceleration
+from utils.cli import Config
+from utils.environment import environment
+from utils.errors import NonFiniteLoss
+from utils.evaluation import EvaluatedNetworks, evaluate_row
+from utils.metrics import METRIC_KEYS, format_report, summarize
+from utils.train import Task, train_task
+
+log = logging.getLogger(__name__)
+
+
+def build_tasks(config: Config) -> list[Task]:
+    """Read the dataset and cut it into the run's tasks (classes in `--class_order`)."""
+    train, test = load_dataset(config.dataset, config.data_dir, download=config.download,
+                               image_size=config.image_size, test_per_class=config.test_per_class, seed=config.seed)
+    order = class_order(config.num_classes, config.class_order, config.seed)
+    k = config.num_classes_per_task
+    train_tasks = split_tasks(train, order, config.num_tasks, k)
+    test_tasks = split_tasks(test, order, config.num_tasks, k)
+    return [Task(t, slice(t * k, (t + 1) * k), train_tasks[t], test_tasks[t]) for t in range(config.num_tasks)]
+
+
+def run(config: Config) -> dict[str, Any]:
+    """The whole experiment; writes config.json, train.log, checkpoint.pt, results.json, report.txt.
+
+    Everything that can fail because of the user's input (the output directory, the data) is
+    checked before the first file is written.
+    """
+    resumable = run_dir.inspect_output_dir(config)
+    if resumable.finished is not None:
+        log.info("%s holds a finished run: nothing to do", config.output_dir)
+        return resumable.finished
+    tasks = build_tasks(config)
+    run_dir.create_output_dir(config)
+    handler = run_dir.attach_log_file(config.output_dir)
+    try:
+        return Experiment(config, tasks).run(resumable.saved, resumable.in_progress)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+class Experiment:
+    """The run's state between tasks: the shared model, the finished tasks' masks, the accuracy
+    matrix and the per-task records; saved whole to checkpoint.pt after every task."""
+
+    def __init__(self, config: Config, tasks: list[Task]) -> None:
+        self.config, self.tasks = config, tasks
+        self.accel = Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
+        run_dir.write_json(config.output_dir / run_dir.CONFIG_FILE, config.to_dict())
+        torch.manual_seed(config.seed)
+        self.model = self.accel.prepare(build_model(config.net_name, config.num_classes).to(self.accel.device))
+        self.test_loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False,
+                                          device=self.accel.device, channels_last=self.accel.channels_last)
+                             for task in tasks]
+        self.acc = np.full((config.num_tasks, config.num_tasks), np.nan)
+        self.task_masks, self.records, self.tested = TaskMasks(), [], EvaluatedNetworks()
+
+    def run(self, saved: dict[str, Any] | None, in_progress: dict[str, Any] | None) -> dict[str, Any]:
+        """Train and test the tasks not done yet; return the results (also written to results.json)."""
+        config, out = self.config, self.config.output_dir
+        if saved is not None:
+            self.load_state_dict(saved)
+            log.info("resuming %s after task %d of %d", out, len(self.records), config.num_tasks)
+        first = len(self.records)
+        if in_progress is not None and in_progress["task"] != first:
+            in_progress = None  # left over from a task that finished after it was saved
+        if in_progress is not None:
+            log.info("resuming task %d after epoch %d", first + 1, in_progress["epochs_done"])
+        for t in range(first, config.num_tasks):
+            try:
+                self.train_and_test(self.tasks[t], in_progress)
+            except NonFiniteLoss as stop:
+                self.write_results(stopped=str(stop))
+                raise
+            in_progress = None
+            run_dir.save_checkpoint(out / run_dir.CHECKPOINT_FILE, {"config": config.to_dict(), **self.state_dict()})
+            (out / run_dir.PROGRESS_FILE).unlink(missing_ok=True)
+        return self.write_results()
+
+    def train_and_test(self, task: Task, in_progress: dict[str, Any] | None) -> None:
+        """Train `task` (continuing `in_progress` if given), store its mask, measure its matrix row."""
+        config, t = self.config, task.index
+        frozen = self.task_masks.frozen_before(t) if config.isolate else None
+        mask, record = train_task(self.model, task, frozen, config, self.accel, in_progress, self.save_progress)
+        if mask is not None:
+            self.task_masks.add(mask)
+        self.acc[t] = evaluate_row(self.model, self.task_masks, [task.classes for task in self.tasks],
+                                   self.test_loaders, t, mode=config.eval, autocast=self.accel.autocast,
+                                   tested=self.tested)
+        record["test_acc"] = float(self.acc[t, t])
+        self.records.append(record)
+        log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s",
+                 t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],
+                 record["kept_epoch"], self.acc[t, t], record["train_seconds"], capacity_summary(record))
+
+    def save_progress(self, state: dict[str, Any]) -> None:
+        """Save the task in progress (a `TaskTraining.state_dict()`) with the run's config."""
+        run_dir.save_checkpoint(self.config.output_dir / run_dir.PROGRESS_FILE,
+                                {"config": self.config.to_dict(), **state})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "task_masks": self.task_masks.state_dict(),
+                "acc_matrix": self.acc.tolist(), "per_task": self.records, "tasks_done": len(self.records)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.task_masks = TaskMasks.from_state_dict(state["task_masks"], self.accel.device)
+        self.acc = np.array(state["acc_matrix"], dtype=float)
+        self.records = state["per_task"]
+
+    def write_results(self, stopped: str | None = None) -> dict[str, Any]:
+        """results.json and report.txt of the tasks done so far; `stopped` says why a run ended early.
+
+        The metrics of a stopped run are those of its finished tasks, as if the run had had that many.
+        """
+        done, acc, out = len(self.records), self.acc, self.config.output_dir
+        results = {
+            "complete": stopped is None,
+            "tasks_done": done,
+            **({"stopped": stopped} if stopped else {}),
+            "config": self.config.to_dict(),
+            "acc_matrix": [[None if math.isnan(v) else v for v in row] for row in acc.tolist()],
+            **(summarize(acc[:done, :done]) if done else dict.fromkeys(METRIC_KEYS)),
+            "per_task": self.records,
+            "environment": environment(self.accel.device),
+        }
+        report = format_report(acc[:done, :done]) if done else "no task finished"
+        run_dir.write_json(out / run_dir.RESULTS_FILE, results)
+        run_dir.write_text(out / run_dir.REPORT_FILE, report + "\n")
+        return results
+
+
+def capacity_summary(record: dict[str, Any]) -> str:
+    """How much of the backbone a sparse task used, for the log."""
+    if "density" not in record:
+        return ""
+    return (f"; weights: {100 * record['density']:.1f} % in its mask, {100 * record['capacity_reused']:.1f} % "
+            f"reused from earlier tasks, {100 * record['capacity_free']:.1f} % still free")
