@@ -18,8 +18,9 @@ import torch
 from benchmarks import data_pipeline, loop, memory, step, topology
 from benchmarks.report import TARGETS, Result, format_table, verdicts
 from benchmarks.workload import DEFAULT, QUICK, SHARED_DATA, has_cifar100, load_workload, write_standin_cifar100
-from utils.errors import UserError
+from data import DataError
 from utils.environment import environment
+from utils.errors import UserError
 from utils.run_dir import write_json
 
 FAMILIES: dict[str, Callable[..., Result]] = {
@@ -75,10 +76,10 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
         print(f"[{i}/{len(args.only)}] {name}: {time.perf_counter() - began:.1f} s", flush=True)
     total = time.perf_counter() - start
     print()
-    print(format_table(rows))
+    print(format_table(rows, quick=args.quick))
     print(f"\ntotal {total:.1f} s; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     return {**figures, "targets": {key: target.to_dict() for key, target in TARGETS.items()},
-            "passed": verdicts(rows), "machine": machine, "data_source": source, "quick": args.quick,
+            "passed": verdicts(rows, quick=args.quick), "machine": machine, "data_source": source, "quick": args.quick,
             "total_seconds": total, "load_average": {"before": load_before, "after": os.getloadavg()[0]}}
 
 
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="benchmark-data-") as scratch:
             report = run_all(args, Path(scratch))
-    except UserError as error:
+    except (UserError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:

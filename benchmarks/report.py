@@ -69,11 +69,14 @@ class Result:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-def format_table(rows: list[Row]) -> str:
+QUICK_VERDICT = "n/a (quick)"  # a --quick run's small sizes are not held against full-size targets
+
+
+def format_table(rows: list[Row], quick: bool = False) -> str:
     header = ("measurement", "ours", "baseline", "ratio", "target", "pass/fail")
     cells = [header] + [
         (r.measurement, r.ours, r.baseline, "-" if r.ratio is None else f"{r.ratio:.3f}",
-         str(r.target) if r.target else "-", r.verdict)
+         str(r.target) if r.target else "-", QUICK_VERDICT if quick and r.verdict else r.verdict)
         for r in rows
     ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
@@ -82,12 +85,12 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(rows: list[Row]) -> dict[str, bool]:
-    """Per target key: whether every row checked against it met it."""
-    passed: dict[str, bool] = {}
+def verdicts(rows: list[Row], quick: bool = False) -> dict[str, bool | None]:
+    """Per target key: whether every row checked against it met it (None for a --quick run)."""
+    passed: dict[str, bool | None] = {}
     for row in rows:
         if row.verdict:
-            passed[row.key] = passed.get(row.key, True) and row.verdict == "pass"
+            passed[row.key] = None if quick else passed.get(row.key, True) and row.verdict == "pass"
     return passed
 
 

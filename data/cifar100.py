@@ -34,7 +34,7 @@ def load_cifar100(root: Path, *, download: bool) -> tuple[Split, Split]:
         if not download:
             raise DataError(
                 f"CIFAR-100 not found at {folder}; download {URL} and extract it into {root}, "
-                "pass --data_dir, or allow downloading"
+                "or pass --data_dir DIR with DIR/cifar-100-python/ in it (--no-download forbids downloading)"
             )
         _download(root)
     return _read_pickle(folder / "train"), _read_pickle(folder / "test")
@@ -62,7 +62,8 @@ def _download(root: Path) -> None:
     except Exception as exc:  # offline, bad md5, disk full, ...: all end the same way for the user
         raise DataError(
             f"CIFAR-100 not found at {folder} (download failed: {exc}); download {URL} "
-            f"and extract it into {root}, or pass --data_dir"
+            f"and extract it into {root}, or pass --data_dir DIR with DIR/cifar-100-python/ in it "
+            "(and --no-download to skip the download)"
         ) from exc
 
 

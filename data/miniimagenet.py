@@ -47,7 +47,7 @@ def load_miniimagenet(
             f"miniImageNet not found at {zip_path}; download miniImageNet from Kaggle and put "
             f"{ZIP_NAME} in --data_dir (currently {root})"
         )
-    images, labels, classes = _load_or_decode(zip_path, image_size)
+    images, labels, classes = _load_or_decode(zip_path, image_size, test_per_class)
     train_idx, test_idx = _split_indices(labels, classes, test_per_class, seed)
     return _take(images, labels, train_idx), _take(images, labels, test_idx)
 
@@ -69,15 +69,21 @@ def _split_indices(
     counts = np.bincount(labels, minlength=num_classes)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     is_test = np.zeros(len(labels), dtype=bool)
+    _check_class_sizes(counts, classes, test_per_class)
     for c in range(num_classes):
-        if counts[c] <= test_per_class:
-            raise DataError(
-                f"miniImageNet class {classes[c]} has {counts[c]} images, need more than "
-                f"test_per_class={test_per_class} to leave any for training"
-            )
         chosen = rng.permutation(int(counts[c]))[:test_per_class]
         is_test[starts[c] + chosen] = True
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def _check_class_sizes(counts: np.ndarray, classes: list[str], test_per_class: int) -> None:
+    """DataError unless every class has images left for training after `test_per_class` for test."""
+    for c, count in enumerate(counts):
+        if count <= test_per_class:
+            raise DataError(
+                f"miniImageNet class {classes[c]} has {count} images, need more than "
+                f"test_per_class={test_per_class} to leave any for training (--test_per_class)"
+            )
 
 
 def _take(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> Split:
@@ -93,13 +99,16 @@ def _zip_key(zip_path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _load_or_decode(zip_path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_or_decode(zip_path: Path, image_size: int,
+                    test_per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The decoded images from the cache, or decoded from the zip (after checking, from its listing
+    alone, that every class has enough images for `test_per_class`) and then cached."""
     cache = cache_path(zip_path.parent, image_size)
     key = _zip_key(zip_path)
     cached = _read_cache(cache, key, image_size)
     if cached is not None:
         return cached
-    images, labels, files, classes = _decode_zip(zip_path, image_size)
+    images, labels, files, classes = _decode_zip(zip_path, image_size, test_per_class)
     _write_cache(cache, key, image_size, images, labels, files, classes)
     return images, labels, classes
 
@@ -192,18 +201,21 @@ def _list_jpegs(zf: zipfile.ZipFile, zip_path: Path) -> tuple[list[str], np.ndar
 
 
 def _decode_zip(
-    zip_path: Path, image_size: int
+    zip_path: Path, image_size: int, test_per_class: int
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Decode every JPEG of the zip, as RGB resized (bilinear) to image_size x image_size."""
+    """Decode every JPEG of the zip, as RGB resized (bilinear) to image_size x image_size, once
+    the listing shows every class has more than `test_per_class` images."""
     try:
         with zipfile.ZipFile(zip_path) as zf:
             files, labels, classes = _list_jpegs(zf, zip_path)
+            _check_class_sizes(np.bincount(labels, minlength=len(classes)), classes, test_per_class)
             logger.info(
                 "decoding %d miniImageNet images of %d classes from %s (once; cached afterwards)",
                 len(files), len(classes), zip_path,
             )
             images = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
-            for i, name in enumerate(tqdm(files, desc="decoding miniImageNet", unit="img", leave=False)):
+            progress = tqdm(files, desc="decoding miniImageNet", unit="img", leave=False, disable=None)  # None: a tty
+            for i, name in enumerate(progress):
                 images[i] = _decode_one(zf, name, image_size)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise DataError(f"cannot read {zip_path}: {exc}; download it again") from exc

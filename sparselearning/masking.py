@@ -91,7 +91,10 @@ class Masking:
         new_weights: where never-used weights entering a later task's initial mask start:
             "zero" (the authors') or "init" (a fresh draw of the layer's default init).
         seed: seeds every random draw of this object (initial mask, random growth) through
-            `derive_seed`, so it may equal the seed of the weight initialization.
+            `derive_seed`, so it may equal the seed of the weight initialization. None (the
+            default) draws one from torch's global generator: reproducible after
+            `torch.manual_seed`, and different for every task. (A fixed seed shared by all
+            tasks would give every task the same initial mask, all of it frozen after task 0.)
     """
 
     def __init__(
@@ -107,7 +110,7 @@ class Masking:
         total_steps: int,
         frozen: dict[str, torch.Tensor] | None = None,
         new_weights: str = "zero",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         _check_choice("sparse_init", sparse_init, SPARSE_INITS)
         _check_choice("death mode", death, DEATH_MODES)
@@ -128,9 +131,10 @@ class Masking:
         self.update_frequency = update_frequency
         self.total_steps = total_steps
         self.new_weights = new_weights
-        self.seed = seed
+        self.seed = int(torch.randint(2**62, ())) if seed is None else seed
         self._frozen_arg = frozen
         self.steps = 0
+        self.topology_updates = 0  # prune-and-grow cycles done in this task
         self.layers: dict[str, MaskedLayer] = {}
         self.generator: torch.Generator | None = None
         self._decays_weights = False  # some param group has weight decay: restore reused weights
@@ -151,9 +155,11 @@ class Masking:
         if not params:
             raise ValueError("the model has no conv or linear weights to mask")
         self._check_optimizer(params)
-        unmasked = [n for n, p in model.named_parameters() if p.requires_grad and n not in params]
-        if unmasked:
-            log.warning("parameters outside the masks are shared and trained by every task: %s", unmasked)
+        _warn_if_not_isolated(model, params)
+        if self.update_frequency > self.total_steps:
+            log.warning("no topology update in this task: update_frequency %d > its %d steps, so the mask stays "
+                        "the initial one (static sparse training); lower the update frequency",
+                        self.update_frequency, self.total_steps)
         device = next(iter(params.values())).device
         self.generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, _MASK_STREAM))
         counts = allocate_counts({n: p.shape for n, p in params.items()}, self.density, self.sparse_init)
@@ -175,6 +181,9 @@ class Masking:
         log.info("masking %d layers, %d of %d weights active (%s, density %.4g)",
                  len(params), sum(counts.values()), sum(p.numel() for p in params.values()),
                  self.sparse_init, self.density)
+        if not any(bool(layer.trainable.any()) for layer in self.layers.values()):
+            log.warning("this task has NO trainable weights: its whole initial mask lies on weights frozen by "
+                        "earlier tasks, so it cannot learn (did every task get the same seed=?)")
 
     def _check_optimizer(self, params: dict[str, nn.Parameter]) -> None:
         if type(self.optimizer) not in SUPPORTED_OPTIMIZERS:
@@ -285,6 +294,7 @@ class Masking:
                 layer.grow(slots, pruned, grown, self.optimizer)
         for layer in self.layers.values():
             layer.dense_grad = None
+        self.topology_updates += 1
 
     def growth_scores(self, name: str) -> torch.Tensor:
         """Scores for growing weights into layer `name` (momentum and gradient growth only):
@@ -332,6 +342,7 @@ class Masking:
         parts = {name: layer.state_dict() for name, layer in self.layers.items()}
         return {
             "steps": self.steps,
+            "topology_updates": self.topology_updates,
             "counts": self.counts,
             **{key: {name: part[key] for name, part in parts.items()} for key in LAYER_STATE_KEYS},
             "momentum": {name: part["momentum"] for name, part in parts.items() if part["momentum"]},
@@ -344,10 +355,33 @@ class Masking:
         if state["counts"] != self.counts:
             raise ValueError("this state belongs to a Masking with another allocation")
         self.steps = state["steps"]
+        # absent from checkpoints of earlier versions, which only updated on schedule
+        on_schedule = self.steps // self.update_frequency if self.update_frequency else 0
+        self.topology_updates = state.get("topology_updates", on_schedule)
         for name, layer in self.layers.items():
             part = {key: state[key][name] for key in LAYER_STATE_KEYS}
             layer.load_state_dict({**part, "momentum": state["momentum"].get(name, [])}, self.optimizer)
         self.generator.set_state(state["generator"])
+
+
+def _warn_if_not_isolated(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    """One warning when `model` computes with state that the masks do not isolate."""
+    unmasked = [n for n, p in model.named_parameters() if p.requires_grad and n not in params]
+    buffers = [n for n, b in model.named_buffers() if b.is_floating_point()]
+    if unmasked or buffers:
+        log.warning("not isolated: parameters outside the masks (%s) and buffers such as BatchNorm running "
+                    "statistics (%s) are shared and changed by every task, so earlier tasks can be forgotten; "
+                    "for exact isolation use a backbone without biases, BatchNorm affine parameters or running "
+                    "statistics (like models/resnet.py)",
+                    _some(unmasked), _some(buffers))
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """The first `shown` names, and how many more there are."""
+    if not names:
+        return "none"
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

@@ -129,6 +129,7 @@ def test_cifar_download_failure_is_a_data_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="download failed") as err:
         load_cifar100(tmp_path, download=True)
     assert str(tmp_path / "cifar-100-python") in str(err.value)
+    assert "--data_dir" in str(err.value) and "--no-download" in str(err.value)  # the ways out, named
     assert os.listdir(tmp_path) == []  # no half-extracted folder left behind
 
 
@@ -381,10 +382,12 @@ def test_miniimagenet_bad_zips_are_data_errors(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # no cache of a failed decode
 
 
-def test_miniimagenet_too_few_images_per_class(tmp_path):
+def test_miniimagenet_too_few_images_per_class(tmp_path, open_calls):
     write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
-    with pytest.raises(DataError, match="n01000000 has 8 images"):
+    with pytest.raises(DataError, match="n01000000 has 8 images.*--test_per_class"):
         load_miniimagenet(tmp_path, test_per_class=8)
+    assert open_calls == []  # found from the zip's listing, before decoding a single image
+    assert sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # and no cache written
 
 
 # ----------------------------------------------------------------------------------------------

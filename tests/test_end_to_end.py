@@ -209,3 +209,16 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
     row = evaluate_row(model, store, [task.classes for task in tasks], loaders, 2,
                        mode=config.eval)  # no EvaluatedNetworks: every cell measured
     assert row.tolist() == acc[-1].tolist() == [acc[0, 0], acc[1, 1], acc[2, 2]]
+
+
+def test_topology_updates_are_counted_per_task_in_the_results_and_the_log(cifar_dir, tmp_path):
+    """(A task with no update at all is warned about: tests/test_masking.py.)"""
+    flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
+             "--max_batches", "3", "--update_frequency", "2"]  # 6 steps a task: updates after steps 2, 4, 6
+    results = run("cifar100", cifar_dir, tmp_path / "run", *flags)
+    assert [record["topology_updates"] for record in results["per_task"]] == [3, 3]
+    assert [(record["task"], record["classes"]) for record in results["per_task"]] == [(1, [0, 1]), (2, [2, 3])]
+    log = (tmp_path / "run" / run_dir.LOG_FILE).read_text()
+    assert "task 2/2 (classes 2-3)" in log and "3 topology updates" in log  # the log and the file agree
+    assert "no topology update" not in log
+    assert log.rstrip().splitlines()[-1].split(": ", 1)[1].startswith(f"finished 2 tasks: ACC {results['acc']:.2f} %")

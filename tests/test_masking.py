@@ -956,3 +956,42 @@ def test_state_dict_roundtrip_breaks_magnitude_ties_the_same_way():
     mask2.update_topology()
     for name in mask.masks:
         assert torch.equal(mask2.masks[name], mask.masks[name]), name
+
+
+def test_a_task_without_topology_updates_is_warned_about_and_updates_are_counted(caplog):
+    model = build()
+    opt = make_opt("adam0", model.parameters())
+    Masking(opt, density=0.3, update_frequency=50, total_steps=40, seed=0).add_module(model)
+    assert "no topology update in this task: update_frequency 50 > its 40 steps" in caplog.text
+
+    caplog.clear()
+    mask = Masking(opt, density=0.3, update_frequency=4, total_steps=40, seed=0)
+    mask.add_module(model)
+    assert "no topology update" not in caplog.text
+    train(model, opt, mask, make_batches(10, 1))
+    assert mask.topology_updates == 2  # after steps 4 and 8
+    mask.update_topology()  # an update asked for by hand counts too
+    assert mask.topology_updates == mask.state_dict()["topology_updates"] == 3
+
+    other = build()
+    static = Masking(make_opt("adam0", other.parameters()), density=0.3, update_frequency=0, total_steps=40, seed=0)
+    static.add_module(other)
+    assert "no topology update" not in caplog.text  # update_frequency 0 asks for static sparse training
+
+
+def test_a_model_with_shared_biases_or_running_statistics_gets_one_warning(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(4, bias=False))
+    model(torch.randn(2, 3, 8, 8))
+    Masking(make_opt("adam0", model.parameters()), density=0.3, update_frequency=0, total_steps=10,
+            seed=0).add_module(model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "not isolated" in warnings[0]
+    for name in ("0.bias", "1.weight", "1.running_mean", "running statistics"):
+        assert name in warnings[0]
+
+    caplog.clear()
+    safe = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8, affine=False, track_running_stats=False),
+                         nn.Flatten(), nn.Linear(288, 4, bias=False))  # as models/resnet.py builds its layers
+    Masking(make_opt("adam0", safe.parameters()), density=0.3, update_frequency=0, total_steps=10,
+            seed=0).add_module(safe)
+    assert "not isolated" not in caplog.text

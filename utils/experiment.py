@@ -96,7 +96,10 @@ class Experiment:
             in_progress = None
             run_dir.save_checkpoint(out / run_dir.CHECKPOINT_FILE, {"config": config.to_dict(), **self.state_dict()})
             (out / run_dir.PROGRESS_FILE).unlink(missing_ok=True)
-        return self.write_results()
+        results = self.write_results()
+        acc, bwt, fwt = (("n/a" if results[key] is None else f"{results[key]:.2f}") for key in ("acc", "bwt", "fwt"))
+        log.info("finished %d tasks: ACC %s %%, BWT %s, FWT %s; results in %s", config.num_tasks, acc, bwt, fwt, out)
+        return results
 
     def train_and_test(self, task: Task, in_progress: dict[str, Any] | None) -> None:
         """Train `task` (continuing `in_progress` if given), store its mask, measure its matrix row."""
@@ -155,5 +158,6 @@ def capacity_summary(record: dict[str, Any]) -> str:
     """How much of the backbone a sparse task used, for the log."""
     if "density" not in record:
         return ""
-    return (f"; weights: {100 * record['density']:.1f} % in its mask, {100 * record['capacity_reused']:.1f} % "
-            f"reused from earlier tasks, {100 * record['capacity_free']:.1f} % still free")
+    return (f"; {record['topology_updates']} topology updates; weights: {100 * record['density']:.1f} % in its "
+            f"mask, {100 * record['capacity_reused']:.1f} % reused from earlier tasks, "
+            f"{100 * record['capacity_free']:.1f} % still free")

@@ -358,7 +358,7 @@ def plot_accuracy_matrix(plt, run: Run, title: str, path: Path) -> None:
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
                 if not math.isnan(value):
-                    axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                    axes.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7,
                               color="white" if value < 60 else "black")
     axes.set(xlabel="task evaluated (above the diagonal: forward-transfer probe)",
              ylabel="after training task", title=title)
@@ -374,6 +374,9 @@ def line_style(row: str) -> dict[str, Any]:
     return {"linestyle": "--" if row.startswith("uniform") else "-"}
 
 
+MIN_ACC_SPAN = 20.0  # percentage points: the least height of the ACC axis
+
+
 def plot_acc_vs_sparsity(plt, table: Table, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
     columns = [c for c in table.columns() if c > 0]
@@ -387,6 +390,10 @@ def plot_acc_vs_sparsity(plt, table: Table, path: Path) -> None:
                       yerr=[cell.std or 0.0 for _, cell in points], marker="o", capsize=3, label=row,
                       **line_style(row))
     axes.set_xticks(columns, [format_percent(c) for c in columns])
+    low, high = axes.get_ylim()
+    if high - low < MIN_ACC_SPAN:  # a one-point gap must not fill the whole height
+        middle = (low + high) / 2
+        axes.set_ylim(max(0.0, middle - MIN_ACC_SPAN / 2), max(0.0, middle - MIN_ACC_SPAN / 2) + MIN_ACC_SPAN)
     axes.set(xlabel="sparsity (1 - density)", ylabel="final ACC (%)", title=benchmark_title(table))
     axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     axes.grid(alpha=0.3)
@@ -449,7 +456,8 @@ def plot_capacity(plt, table: Table, path: Path) -> bool:
             if c == 0:
                 axes.set_ylabel("backbone weights (%)")
     handles, labels = next(axes.get_legend_handles_labels() for axes in grid.flat if axes.axison)
-    figure.legend(handles, labels, loc="outside right center", fontsize=8)
+    # top to bottom as the bars stack: the legend's first entry is the bars' top part
+    figure.legend(handles[::-1], labels[::-1], loc="outside right center", fontsize=8)
     figure.suptitle(f"{benchmark_title(table)}: backbone capacity (mean over growths and seeds)")
     save_figure(plt, figure, path)
     return True

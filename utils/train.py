@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,13 +122,14 @@ class TaskTraining:
 
     def finish(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
         """Go back to the kept epoch; return the task's final mask (None when dense) and its record."""
+        updates = self.masking.topology_updates if self.masking is not None else 0  # in training, all epochs
         if self.kept is not None:
             self.model.load_state_dict(self.kept["model"])
             if self.masking is not None:
                 self.masking.load_state_dict(self.kept["masking"])
         record: dict[str, Any] = {
-            "task": self.task.index,
-            "classes": [self.task.classes.start, self.task.classes.stop],
+            "task": self.task.index + 1,  # as the log numbers tasks: from 1
+            "classes": [self.task.classes.start, self.task.classes.stop - 1],  # first and last, as in the log
             "train_seconds": self.seconds,
             "kept_epoch": self.best_epoch + 1,
             "train_acc": self.best_acc,
@@ -136,7 +138,7 @@ class TaskTraining:
             return None, record
         capacity = self.masking.capacity()["total"]
         record.update(density=capacity["task"], capacity_used=capacity["used"],
-                      capacity_reused=capacity["reused"], capacity_free=capacity["free"])
+                      capacity_reused=capacity["reused"], capacity_free=capacity["free"], topology_updates=updates)
         return self.masking.consolidate(), record
 
     def state_dict(self) -> dict[str, Any]:
@@ -218,13 +220,16 @@ def train_task(
     training = TaskTraining(model, task, frozen, config, accel)
     if in_progress is not None:
         training.load_state_dict(in_progress)
+    # A progress bar on a terminal; where stderr is a file (sweep logs, SLURM) a line per epoch instead.
+    bar = sys.stderr.isatty()
     progress = tqdm(range(training.epochs_done, config.epochs), desc=f"task {task.index + 1}", unit="epoch",
-                    initial=training.epochs_done, total=config.epochs, leave=False)
+                    initial=training.epochs_done, total=config.epochs, leave=False, disable=not bar)
     for epoch in progress:
         loss, acc = train_epoch(training, epoch)
         training.end_epoch(acc)
         progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
-        log.debug("task %d epoch %d: loss %.4f, train accuracy %.2f%%", task.index + 1, epoch + 1, loss, acc)
+        log.log(logging.DEBUG if bar else logging.INFO, "task %d epoch %d/%d: loss %.4f, train accuracy %.2f%%",
+                task.index + 1, epoch + 1, config.epochs, loss, acc)
         if save_progress is not None and checkpoint_due(training.epochs_done, config):
             save_progress(training.state_dict())
     return training.finish()
