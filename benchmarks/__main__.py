@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data_pipeline, loop, memory, step, topology
+from benchmarks import checkpoint, data_pipeline, loop, memory, step, topology
 from benchmarks.report import TARGETS, Result, format_table, verdicts
 from benchmarks.workload import DEFAULT, QUICK, SHARED_DATA, has_cifar100, load_workload, write_standin_cifar100
 from data import DataError
@@ -30,6 +30,7 @@ FAMILIES: dict[str, Callable[..., Result]] = {
     "epoch": loop.run_epoch,
     "eval": loop.run_eval,
     "memory": memory.run,
+    "checkpoint": checkpoint.run,
 }
 
 

@@ -35,6 +35,7 @@ TARGETS: dict[str, Target] = {
     "eval_overhead": Target(1.15),
     "mask_bytes_per_task": Target(1.5e6, unit=" MB", scale=1e6),
     "rss_growth_per_task_mb": Target(2, unit=" MB"),
+    "checkpoint_overhead": Target(0.02),
 }
 
 

@@ -190,13 +190,16 @@ grid_point() {
 
 # The state of the selected point's run directory:
 #   complete    results.json of a finished run (no "complete": false in it)
-#   failed      results.json of a run that stopped early ("complete": false)
-#   unfinished  a run started (checkpoints or config.json) but has no results.json
+#   failed      results.json of a run that stopped early ("complete": false), e.g. diverged
+#   unfinished  a run started (checkpoints or config.json) but has no results.json, or one
+#               stopped by a signal after saving ("resumable": true: --resume continues it)
 #   new         nothing there yet
 grid_point_state() {
   local results=$POINT_DIR/results.json
   if [[ -f $results ]]; then
-    if grep -Eq '"complete"[[:space:]]*:[[:space:]]*false' "$results"; then echo failed; else echo complete; fi
+    if grep -Eq '"resumable"[[:space:]]*:[[:space:]]*true' "$results"; then echo unfinished
+    elif grep -Eq '"complete"[[:space:]]*:[[:space:]]*false' "$results"; then echo failed
+    else echo complete; fi
   elif [[ -e $POINT_DIR/checkpoint.pt || -e $POINT_DIR/task_in_progress.pt || -e $POINT_DIR/config.json ]]; then
     echo unfinished
   else

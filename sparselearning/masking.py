@@ -33,6 +33,7 @@ zero state is zero and leaves that state zero. Other optimizers are refused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import Any
@@ -361,7 +362,20 @@ class Masking:
         for name, layer in self.layers.items():
             part = {key: state[key][name] for key in LAYER_STATE_KEYS}
             layer.load_state_dict({**part, "momentum": state["momentum"].get(name, [])}, self.optimizer)
-        self.generator.set_state(state["generator"])
+        self._restore_generator(state["generator"])
+
+    def _restore_generator(self, saved: torch.Tensor) -> None:
+        """Continue the saved random stream; from a generator of another kind (a state saved on a
+        GPU resumed on a CPU, or the other way round), a new stream seeded from the saved state:
+        deterministic, but not the stream the other device would have drawn."""
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+            return
+        digest = hashlib.sha256(saved.cpu().numpy().tobytes()).digest()
+        self.generator.manual_seed(derive_seed(self.seed, _MASK_STREAM, int.from_bytes(digest[:8], "little")))
+        log.warning("the mask generator's state comes from another kind of device: its stream continues "
+                    "from a seed derived from that state (the run goes on deterministically, but it is not "
+                    "the run the other device would have made)")
 
 
 def _warn_if_not_isolated(model: nn.Module, params: dict[str, nn.Parameter]) -> None:

@@ -11,4 +11,5 @@ def derive_seed(seed: int, *keys: int) -> int:
     "random" draw would pick each layer's most positive weights, and such a network barely
     trains. Derived seeds keep the streams apart.
     """
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> 1)
+    state = int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0])  # a python int (numpy 1.x
+    return state >> 1  # cannot shift a uint64 by a python int); 63 bits fit every generator

@@ -19,7 +19,7 @@ POSITIVE = ("topology_ms", "mask_bytes_per_task", "data_ours_batches_per_s", "da
             "step_dense_ms", "step_masked_ms", "topology_sort_baseline_ms", "epoch_seconds",
             "epoch_bare_steps_seconds", "eval_seconds", "eval_bare_forward_seconds", "mask_bytes_float32_per_task",
             "total_seconds")
-TARGET_KEYS = RATIOS + ("topology_ms", "mask_bytes_per_task", "rss_growth_per_task_mb")
+TARGET_KEYS = RATIOS + ("topology_ms", "mask_bytes_per_task", "rss_growth_per_task_mb", "checkpoint_overhead")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,8 @@ def test_every_figure_is_a_finite_number_in_a_sensible_range(quick_run):
         assert is_number(figures[key]) and figures[key] > 0, key
     assert 0.1 < figures["step_overhead"] < 10 and 0.1 < figures["epoch_overhead"] < 10
     assert 0.1 < figures["eval_overhead"] < 10
+    assert 0 < figures["checkpoint_overhead"] < figures["checkpoint_overhead_every_epoch"] < 1
+    assert figures["checkpoint_bytes"] > 4 * figures["maskable_weights"]  # at least the weights in float32
     assert is_number(figures["rss_growth_per_task_mb"])
     assert isinstance(figures["mask_bytes_per_task"], int)
     # one bit per weight: ResNet-18 has 11.2 M maskable weights, about 1.4 MB, plus torch.save's framing

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, object] = {
     "resume": False,
     "overwrite": False,
     "checkpoint_every": 1,
+    "checkpoint_minutes": 10.0,
     "max_batches": None,
     "amp": False,
     "compile": False,

@@ -5,6 +5,7 @@ when ../shared/data is present (generated stand-ins otherwise), three small task
 """
 
 import io
+import os
 import json
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from utils.entry import main
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2"]
 THREE_TASKS = [*SPLIT, "--epochs", "3", "--max_batches", "3", "--update_frequency", "2", "--growth", "momentum",
-               "--sparse_init", "ERK"]
+               "--sparse_init", "ERK", "--checkpoint_minutes", "0"]  # the task in progress saved after every epoch
 TIMING_KEYS = {"train_seconds"}
 
 
@@ -311,3 +312,148 @@ def test_a_script_run_never_shows_a_traceback_for_bad_input(tmp_path):
 # Two fresh runs with the same seed give identical results (metrics, matrix, weights):
 # tests/test_end_to_end.py::test_same_seed_same_results_bit_for_bit; and the resumed runs above
 # are compared with a fresh one.
+
+
+# ----------------------------------------------------------------------------- stop signals and checkpoint cadence
+
+HEADLINE = ("acc_matrix", "acc", "bwt", "fwt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_mid_task_saves_exits_3_and_resume_gives_the_uninterrupted_results(cifar_dir, reference, tmp_path,
+                                                                                     sig):
+    out = tmp_path / "run"
+    argv = argv_for(cifar_dir, out, *THREE_TASKS, "--checkpoint_minutes", "1000")  # no save but the signal's
+    process = start(argv, tmp_path / "stderr.txt")
+    wait_for_log_line(process, out / run_dir.LOG_FILE, "task 2 epoch 1:")  # the moment, picked from the log
+    process.send_signal(sig)
+    assert process.wait(timeout=300) == 3
+    stderr = terminal_lines((tmp_path / "stderr.txt").read_text())
+    assert f"stopped by {sig.name} in task 2" in stderr.splitlines()[-1] and "--resume" in stderr.splitlines()[-1]
+    assert "Traceback" not in stderr
+    assert (out / run_dir.PROGRESS_FILE).exists()
+    stopped = results_of(out)
+    assert stopped["complete"] is False and stopped["resumable"] is True and stopped["tasks_done"] == 1
+    assert "stopped by" in (out / run_dir.LOG_FILE).read_text().splitlines()[-1]
+
+    assert main("cifar100", argv) == 2  # still an unfinished run: --resume continues it
+    assert main("cifar100", [*argv, "--resume"]) == 0
+    resumed = results_of(out)
+    assert {k: resumed[k] for k in HEADLINE} == {k: reference[k] for k in HEADLINE}
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_a_stop_in_the_middle_of_an_epoch_continues_from_that_batch_bit_identically(cifar_dir, reference, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The signal arrives during the 5th optimizer step (task 2, epoch 1, batch 2): the step
+    finishes, the epoch in progress is saved with its batch position and sums, and --resume
+    continues with batch 3 of the same shuffle."""
+    from sparselearning import Masking
+
+    real_step, steps = Masking.step, []
+
+    def step(self):
+        steps.append(1)
+        if len(steps) == 11:  # 9 steps per task (3 epochs x 3 batches): task 2, epoch 1, batch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_step(self)
+
+    monkeypatch.setattr(Masking, "step", step)
+    out = tmp_path / "run"
+    argv = argv_for(cifar_dir, out, *THREE_TASKS, "--checkpoint_minutes", "1000")
+    assert main("cifar100", argv) == 3
+    assert "stopped by SIGTERM in task 2, epoch 1, batch 2" in capsys.readouterr().err
+    progress = run_dir.load_checkpoint(out / run_dir.PROGRESS_FILE)
+    assert (progress["task"], progress["epochs_done"], progress["epoch_progress"]["batches_done"]) == (1, 0, 2)
+    monkeypatch.setattr(Masking, "step", real_step)
+
+    assert main("cifar100", [*argv, "--resume"]) == 0
+    assert comparable(results_of(out)) == comparable(reference)
+
+
+SIGNAL_DURING_WRITE = """
+import os, signal, sys
+target = sys.argv[1]
+real_replace = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) == target:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the file is being saved
+        os.kill(os.getpid(), signal.SIGTERM)  # and a second one
+    real_replace(src, dst)
+os.replace = replace
+from utils.entry import main
+sys.exit(main("cifar100", sys.argv[2:]))
+"""
+
+
+def test_signals_during_a_save_leave_every_file_whole_and_the_run_resumable(cifar_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    argv = argv_for(cifar_dir, out, *THREE_TASKS)
+    process = start([run_dir.PROGRESS_FILE, *argv], tmp_path / "stderr.txt", driver=SIGNAL_DURING_WRITE)
+    assert process.wait(timeout=300) == 3, (tmp_path / "stderr.txt").read_text()
+    run_dir.load_checkpoint(out / run_dir.PROGRESS_FILE)  # whole
+    assert results_of(out)["resumable"] is True
+    assert main("cifar100", [*argv, "--resume"]) == 0
+    assert comparable(results_of(out)) == comparable(reference)
+
+
+@pytest.mark.parametrize(("minutes", "progress_saves"), [("0", 4), ("1000", 0)])
+def test_the_task_in_progress_is_saved_by_epochs_and_minutes(cifar_dir, tmp_path, monkeypatch, minutes,
+                                                             progress_saves):
+    """--checkpoint_minutes 0: after every epoch but a task's last (2 tasks x 2); a long interval:
+    only the task ends' checkpoints."""
+    saves = []
+    real_save = run_dir.save_checkpoint
+    monkeypatch.setattr(run_dir, "save_checkpoint", lambda path, state: saves.append(path.name) or real_save(path, state))
+    flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
+             "--max_batches", "2", "--checkpoint_minutes", minutes]
+    assert main("cifar100", argv_for(cifar_dir, tmp_path / "run", *flags)) == 0
+    assert saves.count(run_dir.PROGRESS_FILE) == progress_saves
+    assert saves.count(run_dir.CHECKPOINT_FILE) == 2
+
+
+def test_a_save_holds_the_kept_epoch_only_when_it_is_not_the_current_state(cifar_dir, tmp_path, monkeypatch):
+    saved = []
+    real_save = run_dir.save_checkpoint
+    monkeypatch.setattr(run_dir, "save_checkpoint", lambda path, state: saved.append(state) or real_save(path, state))
+    flags = [*SPLIT, "--epochs", "4", "--max_batches", "2", "--checkpoint_minutes", "0"]
+    assert main("cifar100", argv_for(cifar_dir, tmp_path / "run", *flags)) == 0
+    progress = [state for state in saved if "epochs_done" in state]
+    assert progress
+    for state in progress:
+        current = state["best_epoch"] == state["epochs_done"] - 1
+        assert state["kept_is_current"] == current
+        assert (state["kept"] is None) == current  # a copy of the current state is never saved twice
+
+
+def test_a_run_saved_on_another_kind_of_device_resumes_here(cifar_dir, tmp_path, monkeypatch):
+    """Files written on a GPU: their config says cuda and the mask generator's state is a CUDA
+    (Philox) state of 16 bytes. Made here from a CPU run stopped in task 2, they resume on the CPU."""
+    import torch
+
+    from sparselearning import Masking
+
+    real_step, steps = Masking.step, []
+
+    def step(self):
+        steps.append(1)
+        if len(steps) == 9:  # 6 steps per task: task 2, epoch 2, batch 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_step(self)
+
+    monkeypatch.setattr(Masking, "step", step)
+    out = tmp_path / "run"
+    argv = argv_for(cifar_dir, out, *SPLIT, "--epochs", "3", "--max_batches", "2", "--update_frequency", "2")
+    assert main("cifar100", argv) == 3
+    monkeypatch.setattr(Masking, "step", real_step)
+    for name in (run_dir.CHECKPOINT_FILE, run_dir.PROGRESS_FILE):
+        state = run_dir.load_checkpoint(out / name)
+        state["config"]["device"] = "cuda"
+        if name == run_dir.PROGRESS_FILE:
+            state["masking"]["generator"] = torch.arange(16, dtype=torch.uint8)  # a Philox state's size
+        run_dir.save_checkpoint(out / name, state)
+
+    assert main("cifar100", [*argv, "--resume"]) == 0
+    resumed = results_of(out)
+    assert resumed["complete"] is True and resumed["bwt"] == 0.0
+    assert "another kind of device" in (out / run_dir.LOG_FILE).read_text()

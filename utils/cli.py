@@ -55,10 +55,14 @@ EVAL_MODES = ("task", "all_logits")
 OPTIMIZERS = ("adam", "sgd")
 
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
-    "output_dir", "resume", "overwrite", "data_dir", "download", "checkpoint_every")
-"""Settings that do not change a run's results: ``--resume`` accepts them changed, and a report's
-table may mix runs that differ in them. Not ``device``: a CPU and a CUDA run of one seed draw
-different random streams, so they are different experiments."""
+    "output_dir", "resume", "overwrite", "data_dir", "download", "checkpoint_every", "checkpoint_minutes")
+"""Settings that do not change a run's results: a report's table may mix runs that differ in
+them. Not ``device``: a CPU and a CUDA run of one seed draw different random streams, so they
+are different experiments."""
+
+RESUME_MAY_CHANGE: tuple[str, ...] = (*RESULT_NEUTRAL_SETTINGS, "device")
+"""Settings ``--resume`` accepts changed: those above, and ``device`` (a run saved on a GPU may
+continue on a CPU and the other way round; it is then neither run's twin, see the README)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Config:
     resume: bool
     overwrite: bool
     checkpoint_every: int
+    checkpoint_minutes: float
     max_batches: int | None
     amp: bool
     compile: bool
@@ -287,8 +292,11 @@ def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
     run.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                      help="replace the run in --output_dir, finished or not (default: refuse)")
     run.add_argument("--checkpoint_every", type=int, default=1,
-                     help="also save the task in progress every N epochs, so --resume loses at "
-                     "most N epochs (0: save only after each task)")
+                     help="save the task in progress when at least N epochs and --checkpoint_minutes "
+                     "have passed since the last save (0: save only after each task and on a stop signal)")
+    run.add_argument("--checkpoint_minutes", type=float, default=10.0,
+                     help="minutes at least between two saves of the task in progress (0: every "
+                     "--checkpoint_every epochs); a stop signal (SIGTERM, SIGINT, SIGUSR1) always saves")
     run.add_argument("--max_batches", type=int, default=None,
                      help="cap on batches per epoch, for debugging and smoke runs "
                      "(default: None = no cap)")
@@ -380,6 +388,8 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
     _require(args.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
+    _require(0 <= args.checkpoint_minutes < float("inf"),
+             f"--checkpoint_minutes must be a number >= 0, got {args.checkpoint_minutes}")
     _require(args.max_batches is None or args.max_batches >= 1,
              f"--max_batches must be >= 1, got {args.max_batches}")
     _require(

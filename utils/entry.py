@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from data import DataError
 from utils.cli import parse_config
-from utils.errors import NonFiniteLoss, UserError
+from utils.errors import NonFiniteLoss, RunStopped, UserError
+from utils.stopping import EXIT_STOPPED
 from utils.metrics import format_report
 
 
@@ -23,7 +24,8 @@ class ConsoleHandler(logging.Handler):
 
 def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
     """Run one experiment; return the exit code: 0 done, 1 training diverged, 2 a mistake the user
-    can fix (flags, output directory: UserError; data: the data package's DataError), each reported
+    can fix (flags, output directory: UserError; data: the data package's DataError), 3 stopped by a
+    signal after saving (continue with --resume), 130 Ctrl-C before training began; each reported
     as one line on stderr."""
     console = ConsoleHandler()
     console.setLevel(logging.INFO)
@@ -40,6 +42,12 @@ def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except RunStopped as stopped:
+        print(stopped, file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:  # Ctrl-C before training began (while training it stops the run cleanly)
+        print("interrupted before training began; nothing to resume", file=sys.stderr)
+        return 130
     print(format_report(results["acc_matrix"]))
     print(f"results written to {config.output_dir}")
     return 0

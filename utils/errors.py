@@ -14,3 +14,10 @@ class NonFiniteLoss(Exception):
 
     Entry points print its message as one line and exit with code 1.
     """
+
+
+class RunStopped(Exception):
+    """The run stopped for a signal after saving everything `--resume` needs.
+
+    Entry points print its message as one line and exit with `utils.stopping.EXIT_STOPPED` (3).
+    """

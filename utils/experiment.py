@@ -21,9 +21,10 @@ from utils import run_dir
 from utils.acceleration import Acceleration
 from utils.cli import Config
 from utils.environment import environment
-from utils.errors import NonFiniteLoss
+from utils.errors import NonFiniteLoss, RunStopped
 from utils.evaluation import EvaluatedNetworks, evaluate_row
 from utils.metrics import METRIC_KEYS, format_report, summarize
+from utils.stopping import StopRequest
 from utils.train import Task, train_task
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def run(config: Config) -> dict[str, Any]:
     run_dir.create_output_dir(config)
     handler = run_dir.attach_log_file(config.output_dir)
     try:
-        return Experiment(config, tasks).run(resumable.saved, resumable.in_progress)
+        with StopRequest().installed() as stop:
+            return Experiment(config, tasks).run(resumable.saved, resumable.in_progress, stop)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -76,8 +78,14 @@ class Experiment:
         self.acc = np.full((config.num_tasks, config.num_tasks), np.nan)
         self.task_masks, self.records, self.tested = TaskMasks(), [], EvaluatedNetworks()
 
-    def run(self, saved: dict[str, Any] | None, in_progress: dict[str, Any] | None) -> dict[str, Any]:
-        """Train and test the tasks not done yet; return the results (also written to results.json)."""
+    def run(self, saved: dict[str, Any] | None, in_progress: dict[str, Any] | None,
+            stop: StopRequest | None = None) -> dict[str, Any]:
+        """Train and test the tasks not done yet; return the results (also written to results.json).
+
+        When `stop` is requested, the task in progress is saved after the current optimizer step
+        (or, between tasks, the finished task's checkpoint is written), results.json is written
+        marked incomplete and resumable, and RunStopped is raised.
+        """
         config, out = self.config, self.config.output_dir
         if saved is not None:
             self.load_state_dict(saved)
@@ -89,23 +97,35 @@ class Experiment:
             log.info("resuming task %d after epoch %d", first + 1, in_progress["epochs_done"])
         for t in range(first, config.num_tasks):
             try:
-                self.train_and_test(self.tasks[t], in_progress)
-            except NonFiniteLoss as stop:
-                self.write_results(stopped=str(stop))
+                self.train_and_test(self.tasks[t], in_progress, stop)
+            except NonFiniteLoss as diverged:
+                self.write_results(stopped=str(diverged))
                 raise
+            except RunStopped as stopped:
+                raise self.stopped(str(stopped)) from None
             in_progress = None
             run_dir.save_checkpoint(out / run_dir.CHECKPOINT_FILE, {"config": config.to_dict(), **self.state_dict()})
             (out / run_dir.PROGRESS_FILE).unlink(missing_ok=True)
+            if stop is not None and stop.requested and t + 1 < config.num_tasks:
+                raise self.stopped(f"{stop.name} after task {t + 1}")
         results = self.write_results()
         acc, bwt, fwt = (("n/a" if results[key] is None else f"{results[key]:.2f}") for key in ("acc", "bwt", "fwt"))
         log.info("finished %d tasks: ACC %s %%, BWT %s, FWT %s; results in %s", config.num_tasks, acc, bwt, fwt, out)
         return results
 
-    def train_and_test(self, task: Task, in_progress: dict[str, Any] | None) -> None:
+    def stopped(self, where: str) -> RunStopped:
+        """Write results.json of the tasks done, marked resumable; the error that ends the run."""
+        self.write_results(stopped=f"stopped by {where}", resumable=True)
+        how = f"continue with the same command and --resume (--output_dir {self.config.output_dir})"
+        log.warning("stopped by %s: everything is saved; %s", where, how)
+        return RunStopped(f"stopped by {where}; saved: {how}")
+
+    def train_and_test(self, task: Task, in_progress: dict[str, Any] | None, stop: StopRequest | None = None) -> None:
         """Train `task` (continuing `in_progress` if given), store its mask, measure its matrix row."""
         config, t = self.config, task.index
         frozen = self.task_masks.frozen_before(t) if config.isolate else None
-        mask, record = train_task(self.model, task, frozen, config, self.accel, in_progress, self.save_progress)
+        mask, record = train_task(self.model, task, frozen, config, self.accel, in_progress, self.save_progress,
+                                  stop)
         if mask is not None:
             self.task_masks.add(mask)
         self.acc[t] = evaluate_row(self.model, self.task_masks, [task.classes for task in self.tasks],
@@ -132,8 +152,9 @@ class Experiment:
         self.acc = np.array(state["acc_matrix"], dtype=float)
         self.records = state["per_task"]
 
-    def write_results(self, stopped: str | None = None) -> dict[str, Any]:
-        """results.json and report.txt of the tasks done so far; `stopped` says why a run ended early.
+    def write_results(self, stopped: str | None = None, resumable: bool = False) -> dict[str, Any]:
+        """results.json and report.txt of the tasks done so far; `stopped` says why a run ended early,
+        `resumable` that --resume continues it (a signal; not a diverged run).
 
         The metrics of a stopped run are those of its finished tasks, as if the run had had that many.
         """
@@ -141,7 +162,7 @@ class Experiment:
         results = {
             "complete": stopped is None,
             "tasks_done": done,
-            **({"stopped": stopped} if stopped else {}),
+            **({"stopped": stopped, "resumable": resumable} if stopped else {}),
             "config": self.config.to_dict(),
             "acc_matrix": [[None if math.isnan(v) else v for v in row] for row in acc.tolist()],
             **(summarize(acc[:done, :done]) if done else dict.fromkeys(METRIC_KEYS)),

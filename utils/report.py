@@ -101,6 +101,8 @@ def find_runs(root: Path) -> list[Run]:
         results = read_json(path)
         if is_run_results(results):
             status = "complete" if results.get("complete", True) else "failed"
+            if results.get("resumable"):  # stopped by a signal, saved: --resume continues it
+                status = "unfinished"
             runs.append(Run(path.parent, status, results["config"], results))
     started = {p.parent for name in (CONFIG_FILE, CHECKPOINT_FILE, PROGRESS_FILE) for p in root.rglob(name)}
     for directory in started:
@@ -277,7 +279,9 @@ def left_out_section(runs: Sequence[Run]) -> str:
         return "## Runs not in the tables\n\nNone: every run found is complete."
     lines = ["## Runs not in the tables", ""]
     lines += [f"- failed (stopped early, results.json has \"complete\": false): `{run.directory}`" for run in failed]
-    lines += [f"- unfinished (no results.json: still running, or stopped): `{run.directory}`" for run in unfinished]
+    lines += [f"- unfinished (no results.json: still running, or stopped): `{run.directory}`" if run.results is None
+              else f"- unfinished (stopped by a signal, saved: --resume continues it): `{run.directory}`"
+              for run in unfinished]
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sparselearning import write_atomically
-from utils.cli import RESULT_NEUTRAL_SETTINGS, Config
+from utils.cli import RESUME_MAY_CHANGE, Config
 from utils.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -120,7 +120,7 @@ def _read_results(path: Path) -> dict[str, Any] | None:
 def _check_same_config(config: Config, state: dict[str, Any] | None) -> None:
     now = config.to_dict()
     changed = [k for k, v in (state or {}).get("config", {}).items()
-               if k not in RESULT_NEUTRAL_SETTINGS and now.get(k) != v]
+               if k not in RESUME_MAY_CHANGE and now.get(k) != v]
     if changed:
         raise UserError(f"--resume: {config.output_dir} was run with other settings ({', '.join(changed)}); "
                         "use a new --output_dir")

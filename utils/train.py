@@ -8,12 +8,13 @@ optimizer, LR schedule, Masking, loader, the kept best epoch, the random state),
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,8 +26,9 @@ from data import Split, TensorLoader
 from sparselearning import Masking, derive_seed
 from utils.acceleration import Acceleration
 from utils.cli import Config
-from utils.errors import NonFiniteLoss
+from utils.errors import NonFiniteLoss, RunStopped
 from utils.evaluation import predictions
+from utils.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,37 @@ class Task:
     classes: slice
     train: Split
     test: Split
+
+
+@dataclass
+class EpochProgress:
+    """An epoch under way: the loader's state before the epoch drew its shuffle and augmentation,
+    the batches done, and the sums the epoch's loss and accuracy come from (device tensors once a
+    batch is done). Saved when a run stops mid-epoch, so that it continues exactly there."""
+
+    loader: dict[str, Any]
+    batches_done: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    seen: int = 0
+    first_nonfinite: torch.Tensor = field(default_factory=lambda: torch.tensor(-1))
+
+    def add(self, batch: int, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        """Count one finished batch (no host synchronisation)."""
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & ~loss.isfinite(), batch, self.first_nonfinite)
+        self.loss_sum += loss * images
+        self.correct += correct
+        self.seen += images
+        self.batches_done = batch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader, "batches_done": self.batches_done, "loss_sum": self.loss_sum,
+                "correct": self.correct, "seen": self.seen, "first_nonfinite": self.first_nonfinite}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> EpochProgress:
+        on_device = {key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()}
+        return cls(**{**on_device, "loader": state["loader"]})
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -71,8 +104,8 @@ class TaskTraining:
     """
 
     # What state_dict() holds, each part once. Objects with their own state_dict():
-    OBJECTS = ("model", "optimizer", "scheduler", "masking", "loader")
-    # ... and plain values: epochs finished, training seconds, the kept epoch and its copy.
+    OBJECTS = ("model", "optimizer", "scheduler", "masking", "loader", "epoch_progress")
+    # ... and plain values: epochs finished, the kept epoch and its copy (see `state_dict`).
     VALUES = ("epochs_done", "best_acc", "best_epoch", "kept")
 
     def __init__(self, model: nn.Module, task: Task, frozen: dict[str, torch.Tensor] | None, config: Config,
@@ -88,7 +121,9 @@ class TaskTraining:
         self.epochs_done = 0
         self.best_acc, self.best_epoch = -math.inf, -1
         self.kept: dict[str, Any] | None = None  # a copy of the kept epoch; None: the current state
+        self.epoch_progress: EpochProgress | None = None  # an epoch stopped half-way, to continue
         self._earlier_seconds, self._started = 0.0, time.perf_counter()
+        self._saved_epochs, self._saved_at = 0, time.monotonic()  # the last progress save (or the start)
 
     def _masking(self, frozen: dict[str, torch.Tensor] | None) -> Masking:
         config = self.config
@@ -105,6 +140,19 @@ class TaskTraining:
     def seconds(self) -> float:
         """Seconds spent training this task, in this process and (when resumed) earlier ones."""
         return self._earlier_seconds + time.perf_counter() - self._started
+
+    def progress_save_due(self) -> bool:
+        """Save the task in progress now? When at least --checkpoint_every epochs and at least
+        --checkpoint_minutes minutes have passed since the last save (or the start), except after
+        the last epoch (the task's end writes the run's checkpoint). --checkpoint_every 0: never."""
+        every, minutes = self.config.checkpoint_every, self.config.checkpoint_minutes
+        if every == 0 or self.epochs_done >= self.config.epochs:
+            return False
+        return self.epochs_done - self._saved_epochs >= every and time.monotonic() - self._saved_at >= 60 * minutes
+
+    def saved(self) -> None:
+        """Note that the task in progress was just saved (the cadence counts from here)."""
+        self._saved_epochs, self._saved_at = self.epochs_done, time.monotonic()
 
     def end_epoch(self, acc: float) -> None:
         """Step the LR schedule and keep this epoch if it is the one the task keeps."""
@@ -142,28 +190,42 @@ class TaskTraining:
         return self.masking.consolidate(), record
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the task exactly (references; save it before training on)."""
+        """Everything needed to continue the task exactly (references; save it before training on).
+
+        Nothing twice: when the kept epoch is the current state, `kept` is saved as None and
+        `kept_is_current` says to copy the current state again on loading.
+        """
         state: dict[str, Any] = {"task": self.task.index, "seconds": self.seconds, "torch_rng": torch.get_rng_state()}
         for name in self.OBJECTS:
             part = getattr(self, name)
             state[name] = part.state_dict() if part is not None else None
-        return state | {name: getattr(self, name) for name in self.VALUES}
+        state |= {name: getattr(self, name) for name in self.VALUES}
+        kept_is_current = (self.kept is not None and self.best_epoch == self.epochs_done - 1
+                           and self.epoch_progress is None)
+        return state | {"kept": None if kept_is_current else self.kept, "kept_is_current": kept_is_current}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`; the objects were built fresh for the same task."""
-        for name in self.OBJECTS:  # in this order: Masking enforces its masks on the optimizer's state
+        for name in self.OBJECTS[:-1]:  # in this order: Masking enforces its masks on the optimizer's state
             part = getattr(self, name)
             if part is not None:
                 part.load_state_dict(state[name])
+        partial = state.get("epoch_progress")  # absent from checkpoints of earlier versions, like torch_rng
+        self.epoch_progress = EpochProgress.from_state_dict(partial, self.accel.device) if partial else None
         for name in self.VALUES:
             setattr(self, name, state[name])
-        if "torch_rng" in state:  # absent from checkpoints of earlier versions
+        if state.get("kept_is_current"):
+            self.kept = self._snapshot()
+        if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
         self._earlier_seconds, self._started = state["seconds"], time.perf_counter()
+        self.saved()
 
 
-def train_epoch(training: TaskTraining, epoch: int) -> tuple[float, float]:
-    """One pass over the task's training data; returns (mean loss, accuracy in percent).
+def train_epoch(training: TaskTraining, epoch: int, stop: StopRequest | None = None) -> tuple[float, float] | None:
+    """One pass over the task's training data; returns (mean loss, accuracy in percent), or None
+    when `stop` was requested: the epoch then stops after the current optimizer step and
+    `training.epoch_progress` says where (a saved epoch in progress continues from there).
 
     The loss is the cross-entropy over the task's slice of the logits (the task id is known).
     Loss, accuracy and the first batch with a non-finite loss are tracked on the device and read
@@ -171,11 +233,11 @@ def train_epoch(training: TaskTraining, epoch: int) -> tuple[float, float]:
     """
     model, task, config, accel = training.model, training.task, training.config, training.accel
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch
-    first_nonfinite = torch.tensor(-1, device=accel.device)
-    for batch, (x, y) in enumerate(training.loader):
-        if config.max_batches is not None and batch >= config.max_batches:
-            break
+    progress = training.epoch_progress or EpochProgress(training.loader.state_dict(),
+                                                         first_nonfinite=torch.tensor(-1, device=accel.device))
+    training.loader.load_state_dict(progress.loader)  # an epoch continued draws its shuffle again
+    total = batches_per_epoch(training.loader, config)
+    for batch, (x, y) in itertools.islice(enumerate(training.loader), progress.batches_done, total):
         with accel.autocast():
             logits = model(x)
         loss = F.cross_entropy(logits[:, task.classes].float(), y - task.classes.start)
@@ -185,22 +247,16 @@ def train_epoch(training: TaskTraining, epoch: int) -> tuple[float, float]:
             training.masking.step()  # the optimizer's step, restricted to the task's trainable weights
         else:
             training.optimizer.step()
-        loss = loss.detach()
-        first_nonfinite = torch.where((first_nonfinite < 0) & ~loss.isfinite(), batch, first_nonfinite)
-        loss_sum += loss * len(y)
-        correct += (predictions(logits.detach(), task.classes, config.eval) == y).sum()
-        seen += len(y)
-    if (bad := int(first_nonfinite)) >= 0:
+        correct = (predictions(logits.detach(), task.classes, config.eval) == y).sum()
+        progress.add(batch, loss.detach(), correct, len(y))
+        if stop is not None and stop.requested and progress.batches_done < total:  # else: end the epoch
+            training.epoch_progress = progress
+            return None
+    training.epoch_progress = None
+    if (bad := int(progress.first_nonfinite)) >= 0:
         raise NonFiniteLoss(f"non-finite loss in task {task.index + 1}, epoch {epoch + 1}, batch {bad + 1}; "
                             "the finished tasks' results are in results.json (try a smaller --lr)")
-    return float(loss_sum) / seen, 100.0 * float(correct) / seen
-
-
-def checkpoint_due(epochs_done: int, config: Config) -> bool:
-    """Save the task in progress now? Every --checkpoint_every epochs, except after the last
-    (the task's end writes the run's checkpoint)."""
-    every = config.checkpoint_every
-    return every > 0 and epochs_done % every == 0 and epochs_done < config.epochs
+    return float(progress.loss_sum) / progress.seen, 100.0 * float(progress.correct) / progress.seen
 
 
 def train_task(
@@ -211,11 +267,13 @@ def train_task(
     accel: Acceleration,
     in_progress: dict[str, Any] | None = None,
     save_progress: Callable[[dict[str, Any]], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """Train `model` on one task; return the task's final mask (None when dense) and a record.
 
-    `in_progress` (a `TaskTraining.state_dict()`) continues the task from there, exactly; every
-    `--checkpoint_every` epochs the task's state goes to `save_progress`.
+    `in_progress` (a `TaskTraining.state_dict()`) continues the task from there, exactly. The
+    task's state goes to `save_progress` when `TaskTraining.progress_save_due`, and when `stop` is
+    requested, after the current optimizer step; RunStopped is then raised.
     """
     training = TaskTraining(model, task, frozen, config, accel)
     if in_progress is not None:
@@ -225,11 +283,19 @@ def train_task(
     progress = tqdm(range(training.epochs_done, config.epochs), desc=f"task {task.index + 1}", unit="epoch",
                     initial=training.epochs_done, total=config.epochs, leave=False, disable=not bar)
     for epoch in progress:
-        loss, acc = train_epoch(training, epoch)
-        training.end_epoch(acc)
-        progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
-        log.log(logging.DEBUG if bar else logging.INFO, "task %d epoch %d/%d: loss %.4f, train accuracy %.2f%%",
-                task.index + 1, epoch + 1, config.epochs, loss, acc)
-        if save_progress is not None and checkpoint_due(training.epochs_done, config):
+        result = train_epoch(training, epoch, stop)
+        if result is not None:
+            loss, acc = result
+            training.end_epoch(acc)
+            progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
+            log.log(logging.DEBUG if bar else logging.INFO, "task %d epoch %d: loss %.4f, train accuracy %.2f%%",
+                    task.index + 1, epoch + 1, loss, acc)
+        stopping = stop is not None and stop.requested and training.epochs_done < config.epochs
+        if save_progress is not None and (stopping or training.progress_save_due()):
             save_progress(training.state_dict())
+            training.saved()
+        if stopping:
+            where = (f"epoch {epoch + 1}, batch {training.epoch_progress.batches_done}" if result is None
+                     else f"after epoch {epoch + 1}")
+            raise RunStopped(f"{stop.name} in task {task.index + 1}, {where}")
     return training.finish()

@@ -1,0 +1,52 @@
+"""Stopping a run cleanly when it is asked to: SIGTERM (pre-emption, `kill`), SIGINT (Ctrl-C) or
+SIGUSR1 (a cluster's warning before the time limit, e.g. SLURM's `--signal=USR1@120`).
+
+While a run trains, these signals only set a flag (`StopRequest`); the training loop looks at it
+after every optimizer step, saves the task in progress, writes results.json marked incomplete and
+resumable, and the process exits with `EXIT_STOPPED`. A second signal while that happens is
+ignored: the saves finish (every file is written whole or not at all in any case).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+EXIT_STOPPED = 3  # the exit code of a run stopped by a signal, saved and resumable with --resume
+
+
+class StopRequest:
+    """Whether a stop signal arrived, and which (the first one counts)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else "no signal"
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Within the block, the stop signals set this request instead of ending the process
+        (in the main thread only: Python delivers signals there; elsewhere nothing changes)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
