@@ -4,9 +4,15 @@ Batches are cut with tensor ops; training batches are shuffled and augmented (ra
 zero padding, horizontal flip) by one gather per batch from a view of every crop of every image,
 so loading never becomes the bottleneck. Batches are normalized with the split's own
 normalization (`Split.normalization`) unless the caller gives `mean=` and `std=`.
+
+No batch holds a single image: the models normalize with the statistics of each batch
+(BatchNorm without running averages), which one image does not have (and at 1x1 feature maps
+BatchNorm refuses it). A last batch that would hold one image is merged into the one before it,
+which then holds `batch_size + 1`; `len(loader)` counts the batches so cut. Every image is still
+seen once per epoch, and the number of batches changes only when the split's size leaves a
+remainder of exactly one image.
 """
 
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -21,7 +27,9 @@ class TensorLoader:
     train=True: a new shuffle every epoch and per-sample random crop (offsets in [0, 2*pad] after
     zero padding by `pad`) and horizontal flip (p=0.5), all drawn from one CPU generator seeded
     once with `seed`, so two loaders with the same seed give identical epochs.
-    train=False: fixed order, no augmentation. The last partial batch is kept in both cases.
+    train=False: fixed order, no augmentation. The last partial batch is kept in both cases, merged
+    into the one before it when it would hold a single image (`batch_bounds`). Training needs
+    `batch_size` >= 2 and at least 2 images (ValueError otherwise).
     mean, std: per-channel normalization of the pixels scaled to [0, 1]; both or neither. When
     neither is given the split's `normalization` is used (ValueError if it has none).
     channels_last=True: batches come in channels_last memory format (faster convolutions on GPUs).
@@ -55,6 +63,9 @@ class TensorLoader:
             )
         if split.labels.shape != split.images.shape[:1]:
             raise ValueError(f"{len(split.labels)} labels for {len(split.images)} images")
+        if train and min(batch_size, len(split.labels)) < 2:
+            raise ValueError(f"training batches need at least 2 images (BatchNorm normalizes with batch "
+                             f"statistics): batch size {batch_size}, {len(split.labels)} images")
 
         self.batch_size = batch_size
         self.train = train
@@ -82,7 +93,7 @@ class TensorLoader:
         self._generator.set_state(state["generator"])
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return len(batch_bounds(len(self.labels), self.batch_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.train:
@@ -97,15 +108,14 @@ class TensorLoader:
         return self._train_batches(*(t.to(self.device) for t in (order, dy, dx, flip)))
 
     def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.labels), self.batch_size):
-            end = start + self.batch_size
+        for start, end in batch_bounds(len(self.labels), self.batch_size):
             yield self._normalize(self.images[start:end]), self.labels[start:end]
 
     def _train_batches(
         self, order: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.labels), self.batch_size):
-            part = slice(start, start + self.batch_size)
+        for start, end in batch_bounds(len(self.labels), self.batch_size):
+            part = slice(start, end)
             idx, f = order[part], flip[part]
             # the flipped copy's window at 2*pad - dx is the flip of the window at dx
             images = self._windows[f.long(), idx, :, dy[part], torch.where(f, 2 * self.pad - dx[part], dx[part])]
@@ -113,6 +123,17 @@ class TensorLoader:
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self._shift, images, self._scale).contiguous(memory_format=self.memory_format)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The (start, end) of each batch of `n` samples cut `batch_size` at a time, the last one partial;
+    a last batch of a single image is merged into the one before it (which then holds
+    `batch_size + 1`). Only a split of one image, or `batch_size` 1, gives batches of one.
+    """
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if batch_size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 def _resolve_normalization(

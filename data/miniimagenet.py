@@ -7,6 +7,7 @@ at load time; both splits carry the miniImageNet normalization of `DATASET_STATS
 """
 
 import logging
+import os
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 ZIP_NAME = "miniImageNet.zip"
 CACHE_VERSION = 1
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
+MIN_TRAIN_PER_CLASS = 2
+"""Images a class must keep for training: BatchNorm normalizes with batch statistics, and a task of
+one class with one training image would have batches of a single image."""
 
 
 def load_miniimagenet(
@@ -77,12 +81,14 @@ def _split_indices(
 
 
 def _check_class_sizes(counts: np.ndarray, classes: list[str], test_per_class: int) -> None:
-    """DataError unless every class has images left for training after `test_per_class` for test."""
+    """DataError unless every class keeps `MIN_TRAIN_PER_CLASS` images for training after
+    `test_per_class` for test."""
     for c, count in enumerate(counts):
-        if count <= test_per_class:
+        if count < test_per_class + MIN_TRAIN_PER_CLASS:
             raise DataError(
                 f"miniImageNet class {classes[c]} has {count} images, need more than "
-                f"test_per_class={test_per_class} to leave any for training (--test_per_class)"
+                f"test_per_class={test_per_class} + {MIN_TRAIN_PER_CLASS - 1} to leave "
+                f"{MIN_TRAIN_PER_CLASS} for training (--test_per_class)"
             )
 
 
@@ -209,6 +215,7 @@ def _decode_zip(
         with zipfile.ZipFile(zip_path) as zf:
             files, labels, classes = _list_jpegs(zf, zip_path)
             _check_class_sizes(np.bincount(labels, minlength=len(classes)), classes, test_per_class)
+            _check_memory(len(files), image_size)
             logger.info(
                 "decoding %d miniImageNet images of %d classes from %s (once; cached afterwards)",
                 len(files), len(classes), zip_path,
@@ -222,6 +229,76 @@ def _decode_zip(
     except OSError as exc:  # unreadable zip or corrupt image (PIL raises OSError subclasses)
         raise DataError(f"cannot read {zip_path}: {exc}") from exc
     return images, labels, files, classes
+
+
+def _check_memory(n_images: int, image_size: int) -> None:
+    """DataError when `n_images` decoded at `image_size` pixels would not fit in the memory this
+    process can use (checked from the zip's listing, before decoding a single image)."""
+    needed = n_images * 3 * image_size * image_size
+    available = available_memory()
+    if available is not None and needed > available:
+        raise DataError(
+            f"{n_images} miniImageNet images at --image_size {image_size} need {_size(needed)} of "
+            f"memory once decoded, this machine has {_size(available)} available; use a smaller --image_size"
+        )
+
+
+def _size(n_bytes: float) -> str:
+    """`n_bytes` for a reader, e.g. 2.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TiB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still fill: /proc/meminfo's MemAvailable (else the free
+    pages from sysconf), capped by the memory limit of its cgroup (SLURM's --mem is one); None
+    when neither can be read."""
+    known = [n for n in (_system_available_memory(), _cgroup_memory_limit()) if n is not None]
+    return min(known) if known else None
+
+
+def _system_available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _cgroup_memory_limit() -> int | None:
+    """The lowest memory limit of this process's cgroup and the cgroups above it (v2 memory.max,
+    v1 memory.limit_in_bytes; SLURM may set it on the job's cgroup, above the task's), if any."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for parts in (line.split(":", 2) for line in lines):
+        if len(parts) != 3 or not (parts[1] == "" or "memory" in parts[1].split(",")):
+            continue
+        root, name = ((Path("/sys/fs/cgroup"), "memory.max") if parts[1] == ""
+                      else (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"))
+        folder = root / parts[2].lstrip("/")
+        for above in (folder, *folder.parents):  # up to root (a cgroup namespace starts there)
+            if not above.is_relative_to(root):
+                break
+            try:
+                value = (above / name).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit():  # v2 writes "max" for no limit
+                limits.append(int(value))
+    return min(limits) if limits else None
 
 
 def _decode_one(zf: zipfile.ZipFile, name: str, image_size: int) -> np.ndarray:

@@ -2,8 +2,8 @@
 # The grid of sweep.sh as one SLURM job array, one grid point per array task.
 #
 #   scripts/sweep_slurm.sh [--partition P] [--gpus N] [--time T] [--cpus N] [--mem M]
-#                          [--max-running K] [--sbatch-arg ARG]... [grid options] [--dry-run]
-#                          -- cifar100.py [flags for every run]
+#                          [--max-running K] [--signal-seconds S] [--sbatch-arg ARG]...
+#                          [grid options] [--dry-run] -- cifar100.py [flags for every run]
 #
 # Without SLURM_ARRAY_TASK_ID it submits itself with the same grid:
 #     sbatch --array=0-<N-1> <resources> scripts/sweep_slurm.sh <grid options> -- <script and flags>
@@ -12,6 +12,13 @@
 # nothing when its results.json is complete, else with --resume, the run's output appended to
 # OUT/logs/<point>.log. Submitting the same command again therefore finishes what a previous
 # array left (timeouts, preemption, failures) and skips the rest.
+#
+# Time limits: each array task asks SLURM for SIGUSR1 S seconds (--signal-seconds, default 120)
+# before its time limit, sent to this batch shell only (--signal=B:USR1@S): the run is not a job
+# step of its own (no srun), so without B: nothing would reach it. The shell runs the point in the
+# background and forwards the signal to it; the run saves and exits with code 3 (stopped by a
+# signal, resumable), and the task then requeues itself (scontrol requeue <job>_<index>, allowed
+# by --requeue), so that it continues with --resume in a fresh allocation.
 set -euo pipefail
 GRID_PROG=sweep_slurm.sh
 # As a SLURM job this file runs from a copy in SLURM's spool folder: the submission tells it
@@ -35,6 +42,9 @@ resources (each also from the environment; unset ones are left to the cluster's 
   --cpus N           CPUs per run (env SWEEP_CPUS)
   --mem M            memory per run, e.g. 16G (env SWEEP_MEM)
   --max-running K    at most K array tasks at once (env SWEEP_MAX_RUNNING)
+  --signal-seconds S SIGUSR1 to each array task S seconds before its time limit: the run saves
+                     and the task requeues itself to continue; 0: neither (env
+                     SWEEP_SIGNAL_SECONDS; default 120)
   --sbatch-arg ARG   any other sbatch option, e.g. --sbatch-arg=--account=abc (repeatable)
 grid:
 $GRID_OPTIONS_HELP
@@ -49,13 +59,16 @@ TIME_LIMIT=${SWEEP_TIME:-}
 CPUS=${SWEEP_CPUS:-}
 MEMORY=${SWEEP_MEM:-}
 MAX_RUNNING=${SWEEP_MAX_RUNNING:-}
+SIGNAL_SECONDS=${SWEEP_SIGNAL_SECONDS:-120}
 EXTRA_SBATCH=()
 DRY_RUN=0
+STOPPED_BY_SIGNAL=3  # a run's exit code after it saved on a signal: continue it with --resume
+RUN_PID=             # the running point's process
 
 # This script's own options for grid_parse_args: the SLURM resources.
 take_script_option() {
   case $1 in
-    --partition | --gpus | --time | --cpus | --mem | --max-running | --sbatch-arg)
+    --partition | --gpus | --time | --cpus | --mem | --max-running | --signal-seconds | --sbatch-arg)
       (($# >= 2)) || grid_die "$1 needs a value"
       case $1 in
         --partition) PARTITION=$2 ;;
@@ -64,6 +77,7 @@ take_script_option() {
         --cpus) CPUS=$2 ;;
         --mem) MEMORY=$2 ;;
         --max-running) MAX_RUNNING=$2 ;;
+        --signal-seconds) SIGNAL_SECONDS=$2 ;;
         --sbatch-arg) EXTRA_SBATCH+=("$2") ;;
       esac
       GRID_SHIFT=2
@@ -78,6 +92,37 @@ check_resources() {
   [[ -z $CPUS || $CPUS =~ ^[1-9][0-9]*$ ]] || grid_die "--cpus needs a number >= 1, got '$CPUS'"
   [[ -z $MAX_RUNNING || $MAX_RUNNING =~ ^[1-9][0-9]*$ ]] ||
     grid_die "--max-running needs a number >= 1, got '$MAX_RUNNING'"
+  if [[ ! $SIGNAL_SECONDS =~ ^[0-9]{1,5}$ ]] || ((10#$SIGNAL_SECONDS > 65535)); then
+    grid_die "--signal-seconds needs a number of seconds from 0 to 65535 (SLURM's limit), got '$SIGNAL_SECONDS'"
+  fi
+  SIGNAL_SECONDS=$((10#$SIGNAL_SECONDS))
+  local limit
+  limit=$(slurm_time_seconds "$TIME_LIMIT")
+  [[ -z $limit ]] || ((SIGNAL_SECONDS == 0 || SIGNAL_SECONDS < limit)) ||
+    grid_die "--signal-seconds $SIGNAL_SECONDS is not shorter than --time $TIME_LIMIT ($limit s): every run" \
+      "would be told to stop as it starts; give a smaller --signal-seconds (0: no signal)"
+}
+
+# The seconds of the SLURM time limit $1 (minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S); nothing
+# for an empty limit or one in another form (UNLIMITED, say), which sbatch itself judges.
+slurm_time_seconds() {
+  local limit=$1 days=-1 total i
+  local -a parts units=(3600 60 1)
+  if [[ $limit =~ ^([0-9]+)-([0-9:]+)$ ]]; then
+    days=$((10#${BASH_REMATCH[1]})) limit=${BASH_REMATCH[2]}
+  fi
+  IFS=: read -ra parts <<<"$limit"
+  ((${#parts[@]} >= 1 && ${#parts[@]} <= 3)) || return 0
+  if ((days < 0)); then  # without days: minutes, M:S or H:M:S
+    days=0
+    ((${#parts[@]} == 3)) || units=(60 1)
+  fi
+  total=$((days * 86400))
+  for i in "${!parts[@]}"; do
+    [[ ${parts[i]} =~ ^[0-9]+$ ]] || return 0
+    total=$((total + 10#${parts[i]} * units[i]))
+  done
+  echo "$total"
 }
 
 # The sbatch command that runs the grid as an array, into SBATCH_COMMAND.
@@ -92,8 +137,22 @@ build_sbatch_command() {
   [[ -n $TIME_LIMIT ]] && SBATCH_COMMAND+=("--time=$TIME_LIMIT")
   [[ -n $CPUS ]] && SBATCH_COMMAND+=("--cpus-per-task=$CPUS")
   [[ -n $MEMORY ]] && SBATCH_COMMAND+=("--mem=$MEMORY")
+  # B: the batch shell gets the signal and forwards it to the run (see the top of this file);
+  # append: a requeued task adds to its SLURM output file instead of overwriting it.
+  ((SIGNAL_SECONDS > 0)) && SBATCH_COMMAND+=("--signal=B:USR1@$SIGNAL_SECONDS" --requeue --open-mode=append)
   grid_options
-  SBATCH_COMMAND+=("${EXTRA_SBATCH[@]}" "$self" "${GRID_REBUILD[@]}" -- "$GRID_SCRIPT" "${GRID_FLAGS[@]}")
+  SBATCH_COMMAND+=("${EXTRA_SBATCH[@]}" "$self" --signal-seconds "$SIGNAL_SECONDS" "${GRID_REBUILD[@]}"
+    -- "$GRID_SCRIPT" "${GRID_FLAGS[@]}")
+}
+
+# One line on what an array task does at its time limit.
+describe_time_limit() {
+  if ((SIGNAL_SECONDS > 0)); then
+    echo "on USR1 ($SIGNAL_SECONDS s before the time limit) a run saves and the array task requeues itself"
+  else
+    echo "no warning signal (--signal-seconds 0): a run killed at the time limit continues from its" \
+      "last checkpoint when the array is submitted again"
+  fi
 }
 
 print_grid() {
@@ -114,6 +173,7 @@ submit() {
   if ((DRY_RUN)); then
     grid_check_flags
     grid_quote "${SBATCH_COMMAND[@]}"
+    describe_time_limit
     print_grid "$total"
     return 0
   fi
@@ -123,7 +183,52 @@ submit() {
   mkdir -p "$GRID_OUT/logs"  # SLURM does not create the folder of --output
   echo "$GRID_PROG: $(grid_describe)"
   grid_quote "${SBATCH_COMMAND[@]}"
+  describe_time_limit
   "${SBATCH_COMMAND[@]}"
+}
+
+# The USR1 trap: pass the signal on to the run.
+forward_usr1() {
+  echo "$GRID_PROG: $POINT_NAME: USR1 (the time limit is near): asking the run to save and stop"
+  if [[ -n $RUN_PID ]]; then kill -USR1 "$RUN_PID" 2>/dev/null || true; fi
+}
+
+# Run the selected point's command in the background, its output appended to its log, and
+# forward SIGUSR1 to it: SLURM's warning reaches this shell only (B:), and a trapped signal
+# interrupts `wait` but would wait for a command in the foreground to end. The exit code of the
+# run goes into RUN_STATUS.
+run_forwarding_usr1() {
+  RUN_PID=
+  trap forward_usr1 USR1
+  "${POINT_COMMAND[@]}" >>"$POINT_LOG" 2>&1 </dev/null &
+  RUN_PID=$!
+  while true; do
+    RUN_STATUS=0
+    wait "$RUN_PID" || RUN_STATUS=$?
+    # wait also returns (128 + the signal's number) when a trapped signal arrives: go on waiting
+    # while the run lives; after it ended, wait gave its exit code
+    kill -0 "$RUN_PID" 2>/dev/null || break
+  done
+  trap - USR1
+}
+
+# Point $1's run stopped for a signal after saving (exit code 3). In a SLURM array task with the
+# warning signal on: requeue this task, which then continues the run with --resume; return 0 when
+# requeued. Otherwise (--signal-seconds 0, or a task started by hand) say how to go on; return 3.
+requeue_point() {
+  local index=$1 task
+  local stopped="$GRID_PROG: point $index $POINT_NAME: stopped by a signal, saved (exit $STOPPED_BY_SIGNAL)"
+  if ((SIGNAL_SECONDS == 0)) || [[ -z ${SLURM_ARRAY_JOB_ID:-} ]]; then
+    echo "$stopped; the same command (or submitting the array again) continues it"
+    return "$STOPPED_BY_SIGNAL"
+  fi
+  task=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+  echo "$stopped; requeueing array task $task to continue it"
+  if scontrol requeue "$task"; then
+    return 0
+  fi
+  echo "$GRID_PROG: point $index $POINT_NAME: scontrol requeue $task failed; submit the array again to continue it"
+  return "$STOPPED_BY_SIGNAL"
 }
 
 # Array task $1: run that point (or skip it), exit with the run's exit code.
@@ -148,9 +253,13 @@ run_point() {
   grid_start_log
   echo "$GRID_PROG: point $index $POINT_NAME ($state) on $(hostname), log: $POINT_LOG"
   grid_quote "${POINT_COMMAND[@]}"
-  "${POINT_COMMAND[@]}" >>"$POINT_LOG" 2>&1 </dev/null || status=$?
+  run_forwarding_usr1
+  status=$RUN_STATUS
   if ((status == 0)); then
     echo "$GRID_PROG: point $index $POINT_NAME: done"
+  elif ((status == STOPPED_BY_SIGNAL)); then
+    status=0
+    requeue_point "$index" || status=$?
   else
     echo "$GRID_PROG: point $index $POINT_NAME: FAILED (exit $status)"
   fi

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.cli import Config, build_parser, parse_config
+from data import class_order
+from sparselearning import derive_seed
+from utils.cli import MAX_SEED, Config, build_parser, parse_config
+from utils.entry import main
 from utils.errors import UserError
 
 # Every flag and the value it has when not given (device: checked separately, it depends
@@ -227,7 +230,14 @@ def test_booleans_turn_off_and_on_again() -> None:
         (["--num_tasks", "0", "--num_classes", "0"], "cifar100", "--num_tasks must be >= 1"),
         (["--image_size", "4"], "cifar100", "--image_size must be >= 8"),
         (["--max_batches", "0"], "cifar100", "--max_batches must be >= 1"),
-        (["--seed", "-1"], "cifar100", "--seed must be >= 0"),
+        (["--seed", "-1"], "cifar100", "--seed must be in [0, 2**64 - 1]"),
+        (["--seed", str(2**64)], "cifar100", "--seed must be in [0, 2**64 - 1]"),
+        (["--batch_size", "1"], "cifar100", "--batch_size 1: a batch needs at least 2 images"),
+        (["--test_batch_size", "1"], "miniImageNet", "--test_batch_size 1: a batch needs at least 2 images"),
+        (["--num_tasks", "100", "--num_classes_per_task", "1", "--test_per_class", "1"], "miniImageNet",
+         "tests each task on one image"),
+        (["--device", "meta"], "cifar100", "a run trains on cpu, cuda[:N] or mps, not on meta"),
+        (["--device", "xpu"], "cifar100", "not on xpu"),
         (["--momentum", "1"], "cifar100", "--momentum must be in [0, 1)"),
         (["--device", "gpu7"], "cifar100", "not a torch device"),
         (["--optimizer", "sgd", "--momentum", "0", "--growth", "momentum"], "cifar100",
@@ -281,6 +291,79 @@ def test_malformed_flags_are_one_line_user_errors(argv: list[str]) -> None:
     text = str(info.value)
     assert "\n" not in text and text.endswith("(see cifar100.py --help)")
     assert argv[0].split("=")[0] in text or "invalid" in text
+
+
+FLOAT_FLAGS = ["--lr", "--momentum", "--l2", "--density", "--death_rate"]
+
+
+def test_every_float_flag_is_checked_for_finiteness() -> None:
+    floats = [a.option_strings[0] for a in build_parser("cifar100")._actions
+              if isinstance(a.default, float) and a.type is not None]
+    assert sorted(floats) == sorted(FLOAT_FLAGS)
+    assert all(a.type is not float for a in build_parser("cifar100")._actions)  # float() takes inf and nan
+
+
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_floats_are_one_line_user_errors(flag: str, value: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_config([f"{flag}={value}"], "cifar100")  # = : argparse takes a bare -inf for an option
+    text = str(info.value)
+    assert "\n" not in text and f"argument {flag}: must be a finite number, got '{value}'" in text
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--data_dir"])
+def test_an_empty_path_is_a_user_error(flag: str) -> None:
+    with pytest.raises(UserError, match=f"argument {flag}: an empty path"):
+        parse_config([flag, ""], "cifar100")
+    assert parse_config([flag, "."], "cifar100").to_dict()[flag[2:]] == "."  # the way to say "here"
+
+
+def test_the_largest_seed_is_the_largest_torch_takes() -> None:
+    config = parse_config(["--seed", str(MAX_SEED)], "cifar100")
+    assert config.seed == 2**64 - 1 and json.loads(json.dumps(config.to_dict()))["seed"] == MAX_SEED
+    torch.manual_seed(MAX_SEED)  # every generator a run seeds from --seed takes it
+    torch.Generator().manual_seed(derive_seed(MAX_SEED, 1, 2))
+    class_order(100, "random", MAX_SEED)
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.manual_seed(MAX_SEED + 1)  # the bound is torch's own
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize(("benchmark", "argv"), [
+    ("cifar100", ["--seed", str(2**64)]),
+    ("cifar100", ["--lr", "inf"]),
+    ("cifar100", ["--l2", "nan"]),
+    ("cifar100", ["--momentum", "nan"]),
+    ("cifar100", ["--density", "nan"]),
+    ("cifar100", ["--death_rate", "nan"]),
+    ("cifar100", ["--device", "meta"]),
+    ("cifar100", ["--output_dir", ""]),
+    ("cifar100", ["--batch_size", "1"]),
+    ("miniImageNet", ["--test_batch_size", "1"]),
+])
+def test_each_user_error_exits_2_with_one_line_and_writes_nothing(
+    benchmark: str, argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default output directory, runs/..., would land here
+    assert main(benchmark, ["--device", "cpu", "--data_dir", str(tmp_path / "none"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_size_that_cannot_fit_in_memory_exits_2_before_decoding(
+    mini_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(mini_dir.iterdir())
+    argv = ["--device", "cpu", "--data_dir", str(mini_dir), "--output_dir", str(tmp_path / "out"),
+            "--image_size", "30000", "--test_per_class", "10"]  # >= 1680 images x 3 x 30000^2 bytes: terabytes
+    assert main("miniImageNet", argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "at --image_size 30000 need " in err and " TiB of memory once decoded" in err and " available" in err
+    assert sorted(mini_dir.iterdir()) == before and not (tmp_path / "out").exists()
 
 
 def test_unknown_benchmark_is_a_bug_not_a_user_error() -> None:

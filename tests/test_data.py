@@ -6,6 +6,7 @@ subsets in ../shared/data (when present; that folder is read-only, so the zip is
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -22,6 +23,8 @@ import data
 from data import (DATASET_STATS, DataError, Normalization, Split, TensorLoader, class_order, load_dataset,
                   split_tasks)
 from data.cifar100 import load_cifar100
+from data import miniimagenet
+from data.loader import batch_bounds
 from data.miniimagenet import cache_path, load_miniimagenet
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -377,17 +380,43 @@ def test_miniimagenet_bad_zips_are_data_errors(tmp_path):
     with zipfile.ZipFile(zip_path, "w") as zf:
         zf.writestr("n01000000/n0100000000000001.jpg", b"\xff\xd8 truncated jpeg")
         zf.writestr("n01000000/n0100000000000002.jpg", jpeg_bytes("n01000000", 2))
+        zf.writestr("n01000000/n0100000000000003.jpg", jpeg_bytes("n01000000", 3))
     with pytest.raises(DataError, match="n0100000000000001.jpg"):
         load_miniimagenet(tmp_path, test_per_class=1)
     assert sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # no cache of a failed decode
 
 
-def test_miniimagenet_too_few_images_per_class(tmp_path, open_calls):
+@pytest.mark.parametrize("test_per_class", [8, 7])  # 7: one image left for training, a batch of one
+def test_miniimagenet_too_few_images_per_class(tmp_path, open_calls, test_per_class):
     write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
-    with pytest.raises(DataError, match="n01000000 has 8 images.*--test_per_class"):
-        load_miniimagenet(tmp_path, test_per_class=8)
+    with pytest.raises(DataError, match="n01000000 has 8 images.*leave 2 for training.*--test_per_class"):
+        load_miniimagenet(tmp_path, test_per_class=test_per_class)
     assert open_calls == []  # found from the zip's listing, before decoding a single image
     assert sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # and no cache written
+
+
+def test_miniimagenet_refuses_an_image_size_that_would_not_fit_in_memory(tmp_path, open_calls, monkeypatch):
+    write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
+    n = sum(GEN_CLASSES.values())
+    monkeypatch.setattr(miniimagenet, "available_memory", lambda: n * 3 * 16 * 16)  # exactly 16 px
+    with pytest.raises(DataError) as err:
+        load_miniimagenet(tmp_path, image_size=17, test_per_class=GEN_TEST_PER_CLASS)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{n} miniImageNet images at --image_size 17 need 22.9 KiB of memory once decoded" in message
+    assert "this machine has 20.2 KiB available; use a smaller --image_size" in message
+    assert open_calls == [] and sorted(os.listdir(tmp_path)) == ["miniImageNet.zip"]  # nothing decoded or cached
+    train, _ = load_miniimagenet(tmp_path, image_size=16, test_per_class=GEN_TEST_PER_CLASS)  # just fits
+    assert train.images.shape[2:] == (16, 16)
+
+
+def test_available_memory_is_what_linux_says_this_process_can_use():
+    available = miniimagenet.available_memory()
+    if not Path("/proc/meminfo").is_file():
+        pytest.skip("no /proc/meminfo")
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total = int(meminfo["MemTotal"].split()[0]) * 1024
+    assert isinstance(available, int) and 0 < available <= total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,6 +580,39 @@ def test_loader_argument_mistakes_are_value_errors():
         TensorLoader(split, batch_size=0, train=True, **IDENTITY)
     with pytest.raises(ValueError, match="crop padding must be non-negative, got -1"):
         TensorLoader(split, batch_size=2, train=True, pad=-1, **IDENTITY)
+
+
+def test_loader_mistakes_that_would_train_on_one_image_are_value_errors():
+    with pytest.raises(ValueError, match="training batches need at least 2 images.*batch size 1, 4 images"):
+        TensorLoader(indexed_split(4, size=8), batch_size=1, train=True, **IDENTITY)
+    with pytest.raises(ValueError, match="training batches need at least 2 images.*batch size 8, 1 images"):
+        TensorLoader(indexed_split(1, size=8), batch_size=8, train=True, **IDENTITY)
+    assert [len(y) for _, y in TensorLoader(indexed_split(3, size=8), batch_size=1, train=False, **IDENTITY)] == [1] * 3
+
+
+@pytest.mark.parametrize("n", range(1, 40))
+@pytest.mark.parametrize("batch_size", [2, 3, 7, 16])
+def test_batches_never_hold_one_image_and_change_only_for_a_remainder_of_one(n, batch_size):
+    bounds = batch_bounds(n, batch_size)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # every sample once, in order
+    sizes = [end - start for start, end in bounds]
+    assert all(size == batch_size for size in sizes[:-1])
+    plain = math.ceil(n / batch_size)  # the count before the merge
+    if n % batch_size == 1 and n > 1:
+        assert len(bounds) == plain - 1 and sizes[-1] == batch_size + 1
+    else:
+        assert len(bounds) == plain and 1 <= sizes[-1] <= batch_size
+    assert 1 not in sizes or n == 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(("n", "sizes"), [(21, [10, 11]), (22, [10, 10, 2]), (11, [11]), (10, [10])])
+def test_loader_merges_a_last_batch_of_one_image(train, n, sizes):
+    loader = TensorLoader(indexed_split(n, size=8), batch_size=10, train=train, **IDENTITY)
+    batches = [y for _, y in loader]
+    assert [len(y) for y in batches] == sizes and len(loader) == len(sizes)
+    assert torch.equal(torch.sort(torch.cat(batches)).values, torch.arange(n))
 
 
 def test_train_loader_visits_each_sample_once_per_epoch_and_reshuffles():

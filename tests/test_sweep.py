@@ -26,7 +26,8 @@ from utils.cli import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP, SWEEP_SLURM = ROOT / "scripts" / "sweep.sh", ROOT / "scripts" / "sweep_slurm.sh"
-GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PYTHON", "SLURM_ARRAY_TASK_ID")
+GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PYTHON", "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_JOB_ID", "SWEEP_SIGNAL_SECONDS", "SWEEP_TIME")
 
 
 def tiny_flags(data_dir: Path, tasks: int = 2, max_batches: int = 3) -> list[str]:
@@ -178,15 +179,39 @@ def test_slurm_dry_run_prints_the_sbatch_command_and_the_grid(tmp_path):
     lines = done.stdout.splitlines()
     sbatch = shlex.split(lines[0])
     assert sbatch[0] == "sbatch" and "--array=0-3%3" in sbatch
-    for option in ("--partition=gpu-a100", "--gres=gpu:2", "--time=12:00:00", "--mem=32G", "--account=cl"):
+    for option in ("--partition=gpu-a100", "--gres=gpu:2", "--time=12:00:00", "--mem=32G", "--account=cl",
+                   "--signal=B:USR1@120", "--requeue", "--open-mode=append"):
         assert option in sbatch
     script_at = sbatch.index(str(SWEEP_SLURM))
-    assert sbatch[script_at + 1:] == ["--densities", "0.2,0.1", "--inits", "ERK", "--growths", "random,unfired",
-                                      "--seeds", "0", "--out", str(out), "--", str(ROOT / "cifar100.py"),
-                                      "--epochs", "25"]
-    assert lines[1].startswith("grid: 4 points")
-    assert [line.split()[:3] for line in lines[2:]] == [[str(i), "new", f"{name}:"] for i, name in enumerate(POINTS)]
+    assert sbatch[script_at + 1:] == ["--signal-seconds", "120", "--densities", "0.2,0.1", "--inits", "ERK",
+                                      "--growths", "random,unfired", "--seeds", "0", "--out", str(out), "--",
+                                      str(ROOT / "cifar100.py"), "--epochs", "25"]
+    assert lines[1] == "on USR1 (120 s before the time limit) a run saves and the array task requeues itself"
+    assert lines[2].startswith("grid: 4 points")
+    assert [line.split()[:3] for line in lines[3:]] == [[str(i), "new", f"{name}:"] for i, name in enumerate(POINTS)]
     assert not out.exists()  # a dry run creates nothing
+
+
+@pytest.mark.parametrize(("options", "env", "seconds"), [
+    (["--signal-seconds", "300"], {}, 300),
+    ([], {"SWEEP_SIGNAL_SECONDS": "45"}, 45),
+    (["--signal-seconds=600"], {"SWEEP_SIGNAL_SECONDS": "45"}, 600),  # the option wins
+    (["--signal-seconds", "0"], {}, 0),
+    ([], {"SWEEP_SIGNAL_SECONDS": "0"}, 0),
+])
+def test_slurm_warning_signal_seconds_from_option_or_environment(tmp_path, options, env, seconds):
+    done = run_script(SWEEP_SLURM, "--dry-run", *options, *GRID, "--out", tmp_path / "o", "--", "cifar100.py",
+                      env=environment(**env))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    sbatch = shlex.split(lines[0])
+    assert sbatch[sbatch.index(str(SWEEP_SLURM)) + 1:][:2] == ["--signal-seconds", str(seconds)]  # for the tasks
+    if seconds:
+        assert f"--signal=B:USR1@{seconds}" in sbatch and "--requeue" in sbatch
+        assert lines[1] == f"on USR1 ({seconds} s before the time limit) a run saves and the array task requeues itself"
+    else:
+        assert not any(word.startswith(("--signal=", "--requeue", "--open-mode")) for word in sbatch)
+        assert lines[1].startswith("no warning signal (--signal-seconds 0)")
 
 
 def test_slurm_submission_without_sbatch_is_a_user_error(tmp_path):
@@ -363,11 +388,115 @@ def test_a_usage_mistake_is_one_line_and_exit_2(args):
     assert done.stdout == ""
 
 
-@pytest.mark.parametrize("args", [["--gpus", "x", "--", "cifar100.py"], ["--", "cifar100.py", "--resume"],
-                                  ["--partition"], ["-j", "2", "--", "cifar100.py"]])
-def test_a_slurm_usage_mistake_is_one_line_and_exit_2(args):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "x", "--", "cifar100.py"], "--gpus needs a number"),
+    (["--", "cifar100.py", "--resume"], "--resume is set by the sweep"),
+    (["--partition"], "--partition needs a value"),
+    (["-j", "2", "--", "cifar100.py"], "unknown option '-j'"),
+    (["--signal-seconds", "soon", "--", "cifar100.py"], "--signal-seconds needs a number of seconds from 0 to 65535"),
+    (["--signal-seconds", "65536", "--", "cifar100.py"], "from 0 to 65535 (SLURM's limit), got '65536'"),
+    (["--signal-seconds", "-5", "--", "cifar100.py"], "--signal-seconds needs a number"),
+    (["--time", "2", "--", "cifar100.py"], "--signal-seconds 120 is not shorter than --time 2 (120 s)"),
+    (["--time", "1:30", "--", "cifar100.py"], "--signal-seconds 120 is not shorter than --time 1:30 (90 s)"),
+    (["--time", "0-0:02", "--", "cifar100.py"], "not shorter than --time 0-0:02 (120 s)"),
+    (["--time", "1:00:00", "--signal-seconds", "3600", "--", "cifar100.py"], "not shorter than --time 1:00:00 (3600 s)"),
+])
+def test_a_slurm_usage_mistake_is_one_line_and_exit_2(args, message):
     done = run_script(SWEEP_SLURM, "--dry-run", *args)
     assert done.returncode == 2 and done.stderr.startswith("sweep_slurm.sh: ") and done.stderr.count("\n") == 1
+    assert message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("limit", ["3", "2:01", "0:2:01", "0-0:03", "1-0", "1-0:0:0", "UNLIMITED"])
+def test_a_time_limit_longer_than_the_warning_is_accepted(tmp_path, limit):
+    done = run_script(SWEEP_SLURM, "--dry-run", "--time", limit, *GRID, "--out", tmp_path / "o", "--", "cifar100.py")
+    assert done.returncode == 0, done.stderr
+    assert f"--time={limit}" in shlex.split(done.stdout.splitlines()[0])
+
+
+# ---- SLURM time limits: the warning signal, exit code 3, requeue ------------------------------
+
+STOPPABLE_ENTRY = '''"""Test double of an entry script that saves and exits 3 on SIGUSR1, as a run does on a signal."""
+import os, signal, sys, time
+out = sys.argv[sys.argv.index("--output_dir") + 1]
+os.makedirs(out, exist_ok=True)
+def stop(signum, frame):
+    open(os.path.join(out, "signal"), "w").write(str(signum))
+    sys.exit(3)
+signal.signal(signal.SIGUSR1, stop)
+open(os.path.join(out, "pid"), "w").write(str(os.getpid()))
+if "FAKE_EXIT" in os.environ:
+    sys.exit(int(os.environ["FAKE_EXIT"]))
+time.sleep(60)
+sys.exit(0)
+'''
+ONE_POINT = ["--densities", "0.2", "--growths", "random", "--inits", "ERK"]
+
+
+@pytest.fixture
+def array_task(tmp_path) -> tuple[list[str], Path, Path]:
+    """(arguments of a one-point sweep of the stoppable entry, its run directory, the file where a
+    fake scontrol on PATH records its arguments, one call a line)."""
+    entry, calls = tmp_path / "stoppable_entry.py", tmp_path / "scontrol_calls"
+    entry.write_text(STOPPABLE_ENTRY)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >>{shlex.quote(str(calls))}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    args = [*ONE_POINT, "--out", str(tmp_path / "out"), "--", str(entry)]
+    return args, tmp_path / "out" / "ERK_random_d0.2_s0", calls
+
+
+def task_environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Array task 0 of SLURM job 4242, with the fake scontrol first on PATH."""
+    return environment(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_ARRAY_JOB_ID="4242",
+                       SLURM_ARRAY_TASK_ID="0", **extra)
+
+
+def test_a_run_stopped_by_a_signal_requeues_its_array_task(tmp_path, array_task):
+    args, point, calls = array_task
+    done = run_script(SWEEP_SLURM, *args, env=task_environment(tmp_path, FAKE_EXIT="3"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls.read_text() == "requeue 4242_0\n"  # ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+    assert "stopped by a signal, saved (exit 3); requeueing array task 4242_0" in done.stdout
+
+
+@pytest.mark.parametrize("code", [0, 1, 2, 130])
+def test_other_exit_codes_do_not_requeue(tmp_path, array_task, code):
+    args, point, calls = array_task
+    done = run_script(SWEEP_SLURM, *args, env=task_environment(tmp_path, FAKE_EXIT=str(code)))
+    assert done.returncode == code and (point / "pid").exists()
+    assert not calls.exists()
+
+
+@pytest.mark.parametrize("how", ["--signal-seconds 0", "by hand"])
+def test_without_the_warning_signal_or_outside_slurm_exit_3_is_not_requeued(tmp_path, array_task, how):
+    args, point, calls = array_task
+    env = task_environment(tmp_path, FAKE_EXIT="3")
+    if how == "by hand":
+        del env["SLURM_ARRAY_JOB_ID"]
+    done = run_script(SWEEP_SLURM, *(["--signal-seconds", "0"] if how != "by hand" else []), *args, env=env)
+    assert done.returncode == 3 and not calls.exists()
+    assert "stopped by a signal, saved (exit 3); the same command (or submitting the array again) continues it" \
+        in done.stdout
+
+
+def test_usr1_to_the_batch_shell_reaches_the_run_which_saves_and_requeues(tmp_path, array_task):
+    args, point, calls = array_task
+    shell = subprocess.Popen(["bash", str(SWEEP_SLURM), *args], env=task_environment(tmp_path), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ((point / "pid").exists() and (point / "pid").read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shell.send_signal(signal.SIGUSR1)  # as sbatch --signal=B:USR1@120 does: to the batch shell only
+        stdout, stderr = shell.communicate(timeout=30)
+    finally:
+        shell.kill()
+    assert (point / "signal").read_text() == str(int(signal.SIGUSR1))  # the run got it
+    assert shell.returncode == 0, stdout + stderr
+    assert "USR1 (the time limit is near): asking the run to save and stop" in stdout
+    assert calls.read_text() == "requeue 4242_0\n"
 
 
 def test_the_scripts_are_shellcheck_clean():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +54,18 @@ _GROWTH_ALIASES: dict[str, str] = {
 KEEP_MODES = ("best_train", "last")
 EVAL_MODES = ("task", "all_logits")
 OPTIMIZERS = ("adam", "sgd")
+
+MAX_SEED = 2**64 - 1
+"""The largest ``--seed``: ``torch.manual_seed`` takes 64-bit unsigned seeds (numpy's generators
+and ``derive_seed`` take any non-negative integer)."""
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""The torch device types a run can train on (``meta``, say, has no data; ``xpu`` and the other
+back-ends are untested here)."""
+
+MIN_BATCH = 2
+"""The smallest batch a run accepts: BatchNorm normalizes with the statistics of each batch (no
+running averages), and a single image has no batch statistics to learn from."""
 
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "output_dir", "resume", "overwrite", "data_dir", "download", "checkpoint_every", "checkpoint_minutes")
@@ -151,6 +164,24 @@ def _alias_type(aliases: dict[str, str]):
     return convert
 
 
+def _finite_float(value: str) -> float:
+    """An argparse ``type`` for float flags: any finite number (``inf`` and ``nan`` are refused)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
+    return number
+
+
+def _path(value: str) -> Path:
+    """An argparse ``type`` for paths: refuses the empty string (which Path would read as '.')."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty path; give a directory (. for this one)")
+    return Path(value)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: ...)`` after every help line that does not state its default itself."""
 
@@ -218,7 +249,7 @@ def _add_data_flags(data: argparse._ArgumentGroup, benchmark: str) -> None:
     data.add_argument("--class_order", choices=CLASS_ORDER_MODES, default="fixed",
                       help="fixed: classes 0..99 in order (authors); random: a permutation "
                       "drawn from --seed")
-    data.add_argument("--data_dir", type=Path, default=Path("data"),
+    data.add_argument("--data_dir", type=_path, default=Path("data"),
                       help="where datasets are read from (and downloaded to)")
     data.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                       help="download the dataset if it is missing from --data_dir")
@@ -232,10 +263,10 @@ def _add_training_flags(train: argparse._ArgumentGroup, benchmark: str) -> None:
     train.add_argument("--net_name", choices=tuple(MODELS), default="resnet18", help="backbone")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                        help="a fresh optimizer per task")
-    train.add_argument("--lr", type=float, default=1e-3,
+    train.add_argument("--lr", type=_finite_float, default=1e-3,
                        help="learning rate (x0.1 at 50%% and 75%% of the epochs)")
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, in [0, 1)")
-    train.add_argument("--l2", type=float, default=0.0, help="weight decay, >= 0")
+    train.add_argument("--momentum", type=_finite_float, default=0.9, help="SGD momentum, in [0, 1)")
+    train.add_argument("--l2", type=_finite_float, default=0.0, help="weight decay, >= 0")
     train.add_argument("--epochs", type=int, default=20, help="epochs per task")
     train.add_argument("--batch_size", type=int, default=BATCH_SIZE[benchmark],
                        help="training batch size; the benchmark sets the default "
@@ -255,7 +286,7 @@ def _add_training_flags(train: argparse._ArgumentGroup, benchmark: str) -> None:
 def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
     sparse.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
                         help="train sparse sub-networks (--no-sparse: the dense baseline)")
-    sparse.add_argument("--density", type=float, default=0.2,
+    sparse.add_argument("--density", type=_finite_float, default=0.2,
                         help="fraction of weights each task may use, in (0, 1]")
     sparse.add_argument("--sparse_init", "--init", type=_alias_type(_INIT_ALIASES),
                         choices=SPARSE_INITS, default="uniform",
@@ -266,7 +297,7 @@ def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
     sparse.add_argument("--growth", type=_alias_type(_GROWTH_ALIASES),
                         choices=GROWTH_MODES, default="random",
                         help="regrowth criterion (alias: random_unfired = unfired)")
-    sparse.add_argument("--death_rate", type=float, default=0.5,
+    sparse.add_argument("--death_rate", type=_finite_float, default=0.5,
                         help="initial fraction of a task's active weights pruned at each "
                         "update, in [0, 1); cosine-decayed over the task")
     sparse.add_argument("--update_frequency", type=int, default=400,
@@ -281,7 +312,7 @@ def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
 
 
 def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
-    run.add_argument("--output_dir", type=Path, default=None,
+    run.add_argument("--output_dir", type=_path, default=None,
                      help="run directory (default: runs/<name>, e.g. runs/"
                      + run_name(benchmark, 10, True, "uniform", "random", 0.2, 0, True) + ")")
     run.add_argument("--device", default=None,
@@ -319,6 +350,8 @@ def _validate_device(name: str) -> str:
         raise UserError(
             f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:0)"
         ) from exc
+    if device.type not in DEVICE_TYPES:
+        raise UserError(f"--device {name}: a run trains on cpu, cuda[:N] or mps, not on {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(
@@ -357,8 +390,9 @@ def _require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _validate(args: argparse.Namespace, benchmark: str) -> None:
-    """Raise UserError for the first flag value the run cannot use."""
+def _validate_split(args: argparse.Namespace, benchmark: str) -> None:
+    """Raise UserError for the first flag of the benchmark, its task split or the batches the run
+    cannot use."""
     if args.dataset != benchmark:
         other = args.dataset
         raise UserError(
@@ -368,6 +402,10 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
                  "test_batch_size", "test_per_class"):
         value = getattr(args, flag)
         _require(value >= 1, f"--{flag} must be >= 1, got {value}")
+    one_image = "BatchNorm normalizes with the statistics of each batch, which a single image does not have"
+    for flag in ("batch_size", "test_batch_size"):
+        value = getattr(args, flag)
+        _require(value >= MIN_BATCH, f"--{flag} {value}: a batch needs at least {MIN_BATCH} images ({one_image})")
     _require(
         args.num_classes == args.num_tasks * args.num_classes_per_task,
         f"--num_classes {args.num_classes} != --num_tasks {args.num_tasks} x "
@@ -378,6 +416,13 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
         args.num_classes <= DATASET_CLASSES,
         f"--num_classes {args.num_classes}: {benchmark} has only {DATASET_CLASSES} classes",
     )
+    _require(benchmark != "miniImageNet" or args.test_per_class * args.num_classes_per_task >= MIN_BATCH,
+             f"--test_per_class 1 with --num_classes_per_task 1 tests each task on one image ({one_image})")
+
+
+def _validate(args: argparse.Namespace, benchmark: str) -> None:
+    """Raise UserError for the first flag value the run cannot use."""
+    _validate_split(args, benchmark)
     _require(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     _require(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
     _require(args.l2 >= 0, f"--l2 must be >= 0, got {args.l2}")
@@ -385,7 +430,8 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(0 <= args.death_rate < 1, f"--death_rate must be in [0, 1), got {args.death_rate}")
     _require(args.update_frequency >= 0,
              f"--update_frequency must be >= 0 (0 = static sparse), got {args.update_frequency}")
-    _require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    _require(0 <= args.seed <= MAX_SEED,
+             f"--seed must be in [0, 2**64 - 1] (torch's generators take 64-bit seeds), got {args.seed}")
     _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
     _require(args.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     _require(0 <= args.checkpoint_minutes < float("inf"),
