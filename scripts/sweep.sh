@@ -23,7 +23,8 @@ usage: scripts/sweep.sh [-j N] [grid options] [--dry-run] -- SCRIPT [flags for e
 Runs SCRIPT (cifar100.py or miniImageNet100.py) once per point of the grid densities x inits x
 growths x seeds, up to N runs at a time, each in OUT/<init>_<growth>_d<density>_s<seed> with its
 console output appended to OUT/logs/<same name>.log. Finished points are skipped, unfinished ones
-resumed. Ends with a summary; the exit code is 1 if a run failed, 2 for a usage mistake.
+resumed. Ends with a summary; the exit code is 1 if a run failed, 3 if none failed but one was
+stopped by a signal (saved: run the sweep again to resume it), 2 for a usage mistake.
 
   -j N               runs at a time (env JOBS; default: one per visible GPU, each pinned to its
                      GPU with CUDA_VISIBLE_DEVICES; 1 without GPUs). GPUs: the list in
@@ -73,7 +74,7 @@ take_script_option() {
 # SLOT_START[s]. With GPUs, slot s always uses GPU number s mod (number of GPUs).
 
 declare -a SLOT_PID=() SLOT_NAME=() SLOT_LOG=() SLOT_START=()
-declare -a SUCCEEDED=() FAILED=() SKIPPED=()
+declare -a SUCCEEDED=() FAILED=() SKIPPED=() STOPPED=()
 
 say() { echo "$@"; }
 
@@ -108,6 +109,9 @@ reap_finished() {
     if ((status == 0)); then
       SUCCEEDED+=("${SLOT_NAME[slot]}")
       say "      done     ${SLOT_NAME[slot]} in $elapsed"
+    elif ((status == 3)); then  # stopped by a signal after saving: the next sweep resumes it
+      STOPPED+=("${SLOT_NAME[slot]}")
+      say "      stopped  ${SLOT_NAME[slot]} after $elapsed (saved; the next sweep resumes it)"
     else
       FAILED+=("${SLOT_NAME[slot]} (exit $status, log: ${SLOT_LOG[slot]})")
       say "      FAILED   ${SLOT_NAME[slot]} after $elapsed (exit $status, log: ${SLOT_LOG[slot]})"
@@ -160,6 +164,7 @@ summarize() {
   say "$GRID_PROG: $TOTAL points in $GRID_OUT: ${#SUCCEEDED[@]} succeeded, ${#FAILED[@]} failed," \
     "${#SKIPPED[@]} skipped (already complete)"
   for entry in "${FAILED[@]}"; do say "failed: $entry"; done
+  for entry in "${STOPPED[@]}"; do say "stopped by a signal, saved: $entry (run the sweep again to resume it)"; done
 }
 
 # ---- main ------------------------------------------------------------------------------------
@@ -200,3 +205,4 @@ done
 wait_for_all
 summarize
 ((${#FAILED[@]} == 0)) || exit 1
+((${#STOPPED[@]} == 0)) || exit 3

@@ -506,3 +506,23 @@ def test_the_scripts_are_shellcheck_clean():
     scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh"))
     done = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout
+
+
+STOPPING_ENTRY = '''"""Test double of an entry script stopped by a signal: saves nothing, exits 3 (resumable)."""
+import os, sys
+out = sys.argv[sys.argv.index("--output_dir") + 1]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "config.json"), "w").write("{}")
+sys.exit(3)
+'''
+
+
+def test_a_run_stopped_by_a_signal_is_not_a_failure_and_the_next_sweep_resumes_it(tmp_path):
+    entry = tmp_path / "stopping_entry.py"
+    entry.write_text(STOPPING_ENTRY)
+    out = tmp_path / "out"
+    done = run_script(SWEEP, *GRID, "--out", out, "--", entry, env=environment())
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "0 succeeded, 0 failed" in done.stdout and done.stdout.count("stopped by a signal, saved:") == 4
+    dry = run_script(SWEEP, *GRID, "--out", out, "--dry-run", "--", entry, env=environment())
+    assert dry.stdout.count("--resume") == 4  # unfinished: resumed next time
