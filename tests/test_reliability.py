@@ -78,7 +78,7 @@ def test_a_run_killed_in_the_middle_of_a_task_resumes_to_the_same_results(cifar_
     out = tmp_path / "run"
     argv = argv_for(cifar_dir, out, *THREE_TASKS)
     process = start(argv, tmp_path / "stderr.txt")
-    wait_for_log_line(process, out / run_dir.LOG_FILE, "task 2 epoch 2:")  # the moment, picked from the log
+    wait_for_log_line(process, out / run_dir.LOG_FILE, "task 2 epoch 2/")  # the moment, picked from the log
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / run_dir.RESULTS_FILE).exists()
