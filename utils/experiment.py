@@ -17,7 +17,7 @@ import torch
 from data import TensorLoader, class_order, load_dataset, split_tasks
 from models import build_model
 from sparselearning import TaskMasks
-from utils import run_dir
+from utils import run_dir, run_lock
 from utils.acceleration import Acceleration
 from utils.cli import Config
 from utils.environment import environment
@@ -45,21 +45,27 @@ def run(config: Config) -> dict[str, Any]:
     """The whole experiment; writes config.json, train.log, checkpoint.pt, results.json, report.txt.
 
     Everything that can fail because of the user's input (the output directory, the data) is
-    checked before the first file is written.
+    checked before the first file of the run is written. The directory is held locked
+    (`utils.run_lock`) from before its first file to the end: one run per directory at a time.
     """
-    resumable = run_dir.inspect_output_dir(config)
-    if resumable.finished is not None:
-        log.info("%s holds a finished run: nothing to do", config.output_dir)
-        return resumable.finished
-    tasks = build_tasks(config)
-    run_dir.create_output_dir(config)
-    handler = run_dir.attach_log_file(config.output_dir)
-    try:
-        with StopRequest().installed() as stop:
-            return Experiment(config, tasks).run(resumable.saved, resumable.in_progress, stop)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    out = config.output_dir
+    tasks = None if out.exists() else build_tasks(config)  # a new directory only for data that loads
+    with run_lock.hold(out):
+        resumable = run_dir.inspect_output_dir(config)
+        if resumable.finished is not None:
+            log.info("%s holds a finished run: nothing to do", out)
+            return resumable.finished
+        tasks = build_tasks(config) if tasks is None else tasks
+        config = run_dir.with_data_fingerprint(config, run_dir.data_fingerprint(tasks))
+        run_dir.check_same_data(config, resumable)
+        run_dir.prepare_output_dir(config)
+        handler = run_dir.attach_log_file(out)
+        try:
+            with StopRequest().installed() as stop:
+                return Experiment(config, tasks).run(resumable.saved, resumable.in_progress, stop)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 class Experiment:
@@ -67,9 +73,10 @@ class Experiment:
     matrix and the per-task records; saved whole to checkpoint.pt after every task."""
 
     def __init__(self, config: Config, tasks: list[Task]) -> None:
+        """`config` goes into every file the run saves (`to_dict()`); `run()` passes it with the
+        data's fingerprint (`run_dir.RecordedConfig`), already written to config.json."""
         self.config, self.tasks = config, tasks
         self.accel = Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
-        run_dir.write_json(config.output_dir / run_dir.CONFIG_FILE, config.to_dict())
         torch.manual_seed(config.seed)
         self.model = self.accel.prepare(build_model(config.net_name, config.num_classes).to(self.accel.device))
         self.test_loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False,

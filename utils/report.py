@@ -50,16 +50,17 @@ from typing import Any
 
 from sparselearning import write_atomically
 from utils.cli import RESULT_NEUTRAL_SETTINGS
-from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, PROGRESS_FILE, RESULTS_FILE, write_text
+from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, FINGERPRINT, PROGRESS_FILE, RESULTS_FILE, write_text
 
 FIGURES_HINT = "pip install -r requirements-figures.txt"
 INIT_ORDER = ("ERK", "uniform")
 GROWTH_ORDER = ("random", "unfired", "momentum", "gradient")
 SHOWN_SETTINGS = ("num_classes_per_task", "epochs", "update_frequency", "max_batches")
-# Settings that may differ between the runs of one table: the table's own axes, and settings
-# that do not change results (those --resume accepts changed).
+# Settings that may differ between the runs of one table: the table's own axes, settings that
+# do not change results (those --resume accepts changed), and the data's fingerprint (recorded
+# with the config; it changes with the seed: miniImageNet's test split, a random class order).
 TABLE_AXES = ("dataset", "num_tasks", "sparse", "isolate", "sparse_init", "growth", "density", "seed",
-              *RESULT_NEUTRAL_SETTINGS)
+              *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
 CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "sparse", "isolate", "sparse_init", "growth",
                 "density", "update_frequency", "epochs", "seed")
 CSV_METRICS = ("acc", "bwt", "fwt", "forgetting")
