@@ -293,7 +293,7 @@ def test_malformed_flags_are_one_line_user_errors(argv: list[str]) -> None:
     assert argv[0].split("=")[0] in text or "invalid" in text
 
 
-FLOAT_FLAGS = ["--lr", "--momentum", "--l2", "--density", "--death_rate"]
+FLOAT_FLAGS = ["--lr", "--momentum", "--l2", "--density", "--death_rate", "--checkpoint_minutes"]
 
 
 def test_every_float_flag_is_checked_for_finiteness() -> None:

@@ -30,7 +30,12 @@ from utils.entry import main
 from utils.errors import UserError
 
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-         "--max_batches", "2", "--update_frequency", "2", "--growth", "momentum", "--sparse_init", "ERK"]
+         "--max_batches", "2", "--update_frequency", "2", "--growth", "momentum", "--sparse_init", "ERK",
+         "--checkpoint_minutes", "0"]  # the task in progress saved after every epoch
+
+
+class Killed(BaseException):
+    """The process dies here (as under SIGKILL: nothing in the program handles it)."""
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +56,12 @@ def interrupted(cifar_dir, tmp_path_factory) -> Path:
     def stop_at_the_fourth_epoch(*args, **kwargs):
         started.append(1)
         if len(started) == 4:
-            raise KeyboardInterrupt
+            raise Killed
         return real_train_epoch(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "train_epoch", stop_at_the_fourth_epoch)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Killed):
             main("cifar100", argv_for(cifar_dir, out, *SMALL))
     assert run_dir.load_checkpoint(out / run_dir.PROGRESS_FILE)["epochs_done"] == 1
     return out

@@ -325,7 +325,7 @@ def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
     run.add_argument("--checkpoint_every", type=int, default=1,
                      help="save the task in progress when at least N epochs and --checkpoint_minutes "
                      "have passed since the last save (0: save only after each task and on a stop signal)")
-    run.add_argument("--checkpoint_minutes", type=float, default=10.0,
+    run.add_argument("--checkpoint_minutes", type=_finite_float, default=10.0,
                      help="minutes at least between two saves of the task in progress (0: every "
                      "--checkpoint_every epochs); a stop signal (SIGTERM, SIGINT, SIGUSR1) always saves")
     run.add_argument("--max_batches", type=int, default=None,
@@ -434,8 +434,7 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
              f"--seed must be in [0, 2**64 - 1] (torch's generators take 64-bit seeds), got {args.seed}")
     _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
     _require(args.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
-    _require(0 <= args.checkpoint_minutes < float("inf"),
-             f"--checkpoint_minutes must be a number >= 0, got {args.checkpoint_minutes}")
+    _require(args.checkpoint_minutes >= 0, f"--checkpoint_minutes must be >= 0, got {args.checkpoint_minutes}")
     _require(args.max_batches is None or args.max_batches >= 1,
              f"--max_batches must be >= 1, got {args.max_batches}")
     _require(

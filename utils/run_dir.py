@@ -47,7 +47,7 @@ RESULTS_FILE = "results.json"
 REPORT_FILE = "report.txt"
 LOG_FILE = "train.log"
 CHECKPOINT_FILE = "checkpoint.pt"  # the run after its last finished task
-PROGRESS_FILE = "task_in_progress.pt"  # the task being trained, every --checkpoint_every epochs
+PROGRESS_FILE = "task_in_progress.pt"  # the task being trained (when: utils.train.TaskTraining.progress_save_due)
 # In the order --overwrite removes them: config.json, the first file a run writes, last.
 RUN_FILES = (RESULTS_FILE, REPORT_FILE, PROGRESS_FILE, CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE)
 PROJECT_LOGGERS = ("data", "models", "sparselearning", "utils")
