@@ -46,7 +46,8 @@ def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
         print(stopped, file=sys.stderr)
         return EXIT_STOPPED
     except KeyboardInterrupt:  # Ctrl-C before training began (while training it stops the run cleanly)
-        print("interrupted before training began; nothing to resume", file=sys.stderr)
+        print("interrupted before training began; nothing was trained (saved files, if any, are unchanged)",
+              file=sys.stderr)
         return 130
     print(format_report(results["acc_matrix"]))
     print(f"results written to {config.output_dir}")
