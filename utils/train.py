@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -52,11 +52,11 @@ class EpochProgress:
     batch is done). Saved when a run stops mid-epoch, so that it continues exactly there."""
 
     loader: dict[str, Any]
+    first_nonfinite: torch.Tensor  # the first batch with a non-finite loss, -1 while there is none
     batches_done: int = 0
     loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
     seen: int = 0
-    first_nonfinite: torch.Tensor = field(default_factory=lambda: torch.tensor(-1))
 
     def add(self, batch: int, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
         """Count one finished batch (no host synchronisation)."""
@@ -67,13 +67,12 @@ class EpochProgress:
         self.batches_done = batch + 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader, "batches_done": self.batches_done, "loss_sum": self.loss_sum,
-                "correct": self.correct, "seen": self.seen, "first_nonfinite": self.first_nonfinite}
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> EpochProgress:
-        on_device = {key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()}
-        return cls(**{**on_device, "loader": state["loader"]})
+        """The saved sums on `device` (the loader's generator state stays a CPU state)."""
+        return cls(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()})
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -206,7 +205,9 @@ class TaskTraining:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`; the objects were built fresh for the same task."""
-        for name in self.OBJECTS[:-1]:  # in this order: Masking enforces its masks on the optimizer's state
+        # In this order (Masking enforces its masks on the optimizer's state); the last part, an epoch
+        # stopped half-way, is no object until then: it is rebuilt from its state below.
+        for name in self.OBJECTS[:-1]:
             part = getattr(self, name)
             if part is not None:
                 part.load_state_dict(state[name])
@@ -233,8 +234,8 @@ def train_epoch(training: TaskTraining, epoch: int, stop: StopRequest | None = N
     """
     model, task, config, accel = training.model, training.task, training.config, training.accel
     model.train()
-    progress = training.epoch_progress or EpochProgress(training.loader.state_dict(),
-                                                         first_nonfinite=torch.tensor(-1, device=accel.device))
+    no_nonfinite = torch.tensor(-1, device=accel.device)
+    progress = training.epoch_progress or EpochProgress(training.loader.state_dict(), no_nonfinite)
     training.loader.load_state_dict(progress.loader)  # an epoch continued draws its shuffle again
     total = batches_per_epoch(training.loader, config)
     for batch, (x, y) in itertools.islice(enumerate(training.loader), progress.batches_done, total):
