@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,17 +54,19 @@ def task_network(model: nn.Module, task_masks: TaskMasks, index: int) -> context
 
 
 class EvaluatedNetworks:
-    """The accuracy of each task's network on its own test set, with the weights it was tested with.
+    """What each task's network computed on the fixed test batches, kept while its weights stay the same.
 
-    A network tested again on the same fixed test batches gives the same accuracy if its weights
+    A network tested again on the same fixed test batches gives the same results if its weights
     are the same. With isolation, task j's weights never change after task j, so the lower
     triangle of the accuracy matrix would re-run the same forward passes row after row (half of
-    a run's evaluation time). `accuracy` compares the network's weights with those of its last
-    test, exactly, and tests again only when they differ (without isolation, say).
+    a run's evaluation time), and task inference would re-run every earlier network on every
+    earlier test set. `results` compares the network's weights with those it had when the
+    results were computed, exactly, and empties them when they differ (without isolation, say).
     """
 
     def __init__(self) -> None:
-        self._tested: dict[int, tuple[list[torch.Tensor], float]] = {}
+        self._weights: dict[int, list[torch.Tensor]] = {}
+        self._results: dict[int, dict[Any, Any]] = {}
 
     @staticmethod
     def weights(model: nn.Module, task_masks: TaskMasks, index: int) -> list[torch.Tensor]:
@@ -77,19 +80,26 @@ class EvaluatedNetworks:
             values.append(param.detach().clone() if mask is None else param.detach()[mask.to(param.device)])
         return values + [buffer.detach().clone() for buffer in model.buffers()]
 
+    def results(self, model: nn.Module, task_masks: TaskMasks, index: int) -> dict[Any, Any]:
+        """The results kept for task `index`'s (sparse) network, by key: the caller's to read and
+        fill. Emptied first if the network's weights changed since the last call."""
+        weights = self.weights(model, task_masks, index)
+        before = self._weights.get(index)
+        if before is None or not all(torch.equal(a, b) for a, b in zip(weights, before, strict=True)):
+            self._results[index] = {}
+        self._weights[index] = weights
+        return self._results[index]
+
     def accuracy(self, model: nn.Module, task_masks: TaskMasks, index: int, test: Callable[[], float]) -> float:
         """Task `index`'s accuracy on its own test set: `test()`, unless the network is unchanged."""
         if len(task_masks) <= index:  # dense: nothing identifies a task's network
             return test()
-        weights = self.weights(model, task_masks, index)
-        if index in self._tested:
-            before, accuracy = self._tested[index]
-            if all(torch.equal(a, b) for a, b in zip(weights, before, strict=True)):
-                log.debug("task %d's network is unchanged: its test accuracy stays %.2f%%", index + 1, accuracy)
-                return accuracy
-        accuracy = test()
-        self._tested[index] = (weights, accuracy)
-        return accuracy
+        kept = self.results(model, task_masks, index)
+        if "accuracy" in kept:
+            log.debug("task %d's network is unchanged: its test accuracy stays %.2f%%", index + 1, kept["accuracy"])
+        else:
+            kept["accuracy"] = test()
+        return kept["accuracy"]
 
 
 def evaluate_row(

@@ -23,8 +23,10 @@ from utils.cli import Config
 from utils.environment import environment
 from utils.errors import NonFiniteLoss, RunStopped
 from utils.evaluation import EvaluatedNetworks, evaluate_row
-from utils.metrics import METRIC_KEYS, format_report, summarize
+from utils.metrics import (AGNOSTIC_KEYS, METRIC_KEYS, format_agnostic_report, format_report, summarize,
+                           summarize_agnostic)
 from utils.stopping import StopRequest
+from utils.task_inference import TaskInference
 from utils.train import Task, train_task
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ class Experiment:
                              for task in tasks]
         self.acc = np.full((config.num_tasks, config.num_tasks), np.nan)
         self.task_masks, self.records, self.tested = TaskMasks(), [], EvaluatedNetworks()
+        self.inference = None if config.task_inference == "none" else TaskInference(
+            config.task_inference, config.eval, self.accel.autocast, self.tested)
+        self.acc_agnostic = np.full_like(self.acc, np.nan)
 
     def run(self, saved: dict[str, Any] | None, in_progress: dict[str, Any] | None,
             stop: StopRequest | None = None) -> dict[str, Any]:
@@ -116,8 +121,10 @@ class Experiment:
             if stop is not None and stop.requested and t + 1 < config.num_tasks:
                 raise self.stopped(f"{stop.name} after task {t + 1}")
         results = self.write_results()
-        acc, bwt, fwt = (("n/a" if results[key] is None else f"{results[key]:.2f}") for key in ("acc", "bwt", "fwt"))
-        log.info("finished %d tasks: ACC %s %%, BWT %s, FWT %s; results in %s", config.num_tasks, acc, bwt, fwt, out)
+        acc, bwt, fwt, agnostic = (("n/a" if results[key] is None else f"{results[key]:.2f}")
+                                   for key in ("acc", "bwt", "fwt", "acc_agnostic"))
+        log.info("finished %d tasks: ACC %s %%, BWT %s, FWT %s, task-agnostic ACC %s %% (%s); results in %s",
+                 config.num_tasks, acc, bwt, fwt, agnostic, config.task_inference, out)
         return results
 
     def stopped(self, where: str) -> RunStopped:
@@ -135,14 +142,20 @@ class Experiment:
                                   stop)
         if mask is not None:
             self.task_masks.add(mask)
-        self.acc[t] = evaluate_row(self.model, self.task_masks, [task.classes for task in self.tasks],
-                                   self.test_loaders, t, mode=config.eval, autocast=self.accel.autocast,
-                                   tested=self.tested)
+        classes = [task.classes for task in self.tasks]
+        self.acc[t] = evaluate_row(self.model, self.task_masks, classes, self.test_loaders, t, mode=config.eval,
+                                   autocast=self.accel.autocast, tested=self.tested)
         record["test_acc"] = float(self.acc[t, t])
+        if self.inference is not None:
+            row = self.inference.row(self.model, self.task_masks, classes, self.test_loaders, t)
+            self.acc_agnostic[t] = row.accuracy
+            record["task_inference"] = {"task_id_accuracy": row.task_id_accuracy, "seconds": row.seconds,
+                                        "forward_passes": row.forward_passes, "backward_passes": row.backward_passes}
         self.records.append(record)
-        log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s",
+        log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s%s",
                  t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],
-                 record["kept_epoch"], self.acc[t, t], record["train_seconds"], capacity_summary(record))
+                 record["kept_epoch"], self.acc[t, t], record["train_seconds"], capacity_summary(record),
+                 self.agnostic_summary(t))
 
     def save_progress(self, state: dict[str, Any]) -> None:
         """Save the task in progress (a `TaskTraining.state_dict()`) with the run's config."""
@@ -151,12 +164,15 @@ class Experiment:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "task_masks": self.task_masks.state_dict(),
-                "acc_matrix": self.acc.tolist(), "per_task": self.records, "tasks_done": len(self.records)}
+                "acc_matrix": self.acc.tolist(), "acc_matrix_agnostic": self.acc_agnostic.tolist(),
+                "per_task": self.records, "tasks_done": len(self.records)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.task_masks = TaskMasks.from_state_dict(state["task_masks"], self.accel.device)
         self.acc = np.array(state["acc_matrix"], dtype=float)
+        if "acc_matrix_agnostic" in state:  # checkpoints from before task inference have none
+            self.acc_agnostic = np.array(state["acc_matrix_agnostic"], dtype=float)
         self.records = state["per_task"]
 
     def write_results(self, stopped: str | None = None, resumable: bool = False) -> dict[str, Any]:
@@ -173,13 +189,42 @@ class Experiment:
             "config": self.config.to_dict(),
             "acc_matrix": [[None if math.isnan(v) else v for v in row] for row in acc.tolist()],
             **(summarize(acc[:done, :done]) if done else dict.fromkeys(METRIC_KEYS)),
+            **self.agnostic_results(),
             "per_task": self.records,
             "environment": environment(self.accel.device),
         }
         report = format_report(acc[:done, :done]) if done else "no task finished"
+        if results["acc_agnostic"] is not None:
+            report += "\n\n" + format_agnostic_report(self.acc_agnostic[:done, :done], results["task_id_accuracy"],
+                                                       self.config.task_inference, self.config.test_batch_size)
         run_dir.write_json(out / run_dir.RESULTS_FILE, results)
         run_dir.write_text(out / run_dir.REPORT_FILE, report + "\n")
         return results
+
+
+    def agnostic_results(self) -> dict[str, Any]:
+        """results.json's task-agnostic part: the method, its cost, the matrix and its figures
+        (None without task inference, or when rows are missing: a run resumed from a checkpoint
+        made before task inference existed)."""
+        config, done = self.config, len(self.records)
+        rows = [record.get("task_inference") for record in self.records]
+        if self.inference is None or not done or None in rows:
+            return {"task_inference": {"method": config.task_inference}, "acc_matrix_agnostic": None,
+                    **dict.fromkeys(AGNOSTIC_KEYS)}
+        matrix = self.acc_agnostic[:done, :done]
+        cost = {key: sum(row[key] for row in rows) for key in ("seconds", "forward_passes", "backward_passes")}
+        return {"task_inference": {"method": config.task_inference, "test_batch_size": config.test_batch_size, **cost},
+                "acc_matrix_agnostic": [[None if math.isnan(v) else v for v in row] for row in self.acc_agnostic.tolist()],
+                **summarize_agnostic(matrix, [row["task_id_accuracy"] for row in rows])}
+
+    def agnostic_summary(self, t: int) -> str:
+        """Task t's task-agnostic figures, for the log."""
+        if self.inference is None:
+            return ""
+        row = self.records[t]["task_inference"]
+        return (f"; task id hidden ({self.config.task_inference}): test {self.acc_agnostic[t, t]:.2f}%, mean "
+                f"{np.mean(self.acc_agnostic[t, :t + 1]):.2f}% over tasks 1-{t + 1}, task found for "
+                f"{row['task_id_accuracy']:.1f}% of batches ({row['seconds']:.1f} s)")
 
 
 def capacity_summary(record: dict[str, Any]) -> str:

@@ -198,3 +198,34 @@ def format_report(A: ArrayLike) -> str:
     sections.append(f"Average FWT:\n {_cell(average_fwt(matrix))}")
     sections.append(f"ACC (mean of final row): {_cell(final_accuracy(matrix))}")
     return "\n\n".join(sections)
+
+
+# ---- task-agnostic testing (the task id hidden and inferred; utils.task_inference) --------------
+
+AGNOSTIC_KEYS = ("acc_agnostic", "bwt_agnostic", "task_id_accuracy")
+"""The task-agnostic figures of `summarize_agnostic`."""
+
+
+def summarize_agnostic(A: ArrayLike, task_id_accuracy: ArrayLike) -> dict[str, Any]:
+    """The task-agnostic figures: ``acc_agnostic`` (final_accuracy of the task-agnostic matrix,
+    whose upper triangle is unmeasured), ``bwt_agnostic`` (its average_bwt: with the task id
+    hidden, a task's accuracy can drop as more tasks compete for its batches even when its
+    network is frozen) and ``task_id_accuracy`` (percent of test batches assigned to their own
+    task, one value per row)."""
+    matrix = accuracy_matrix(A)
+    return {"acc_agnostic": _json_float(final_accuracy(matrix)), "bwt_agnostic": _json_float(average_bwt(matrix)),
+            "task_id_accuracy": _json_list(np.asarray(task_id_accuracy, dtype=np.float64))}
+
+
+def format_agnostic_report(A: ArrayLike, task_id_accuracy: ArrayLike, method: str, test_batch_size: int) -> str:
+    """The task-agnostic matrix and figures as text, laid out like `format_report`."""
+    matrix = accuracy_matrix(A)
+    task_id = np.asarray(task_id_accuracy, dtype=np.float64)
+    width = max(len(_cell(float(v))) for v in np.concatenate([matrix.ravel(), task_id]))
+    return "\n\n".join([
+        f"TASK-AGNOSTIC ACCURACY MATRIX (task id inferred: {method}, test batches of {test_batch_size}):\n"
+        + "\n".join(_row(row, width) for row in matrix),
+        "TASK-ID ACCURACY (% of test batches assigned to their task, per row):\n" + _row(task_id, width),
+        f"Task-agnostic BWT:\n {_cell(average_bwt(matrix))}",
+        f"Task-agnostic ACC (mean of final row): {_cell(final_accuracy(matrix))}",
+    ])

@@ -1,0 +1,143 @@
+"""Test a finished run again, from its checkpoint: other task-inference methods, other test batch sizes.
+
+    python -m utils.retest RUN_DIR [--methods confidence entropy oneshot] [--test_batch_sizes 16 64 128]
+                           [--device cpu] [--data_dir DIR] [--out FILE]
+
+With isolation, task j's network never changes after task j: the final checkpoint (the shared
+weights and every task's mask) holds every network the run tested, so both accuracy matrices
+(task id given, and hidden: `utils.task_inference`) can be measured again without training, with
+the same data, exactly as the run measured them. BatchNorm normalizes with each test batch's
+statistics, so the test batch size changes both. Prints one table (method x test batch size) and
+writes every matrix to --out (default: RUN_DIR/retest.json), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data import DataError, TensorLoader
+from models import build_model
+from sparselearning import TaskMasks
+from utils import run_dir
+from utils.acceleration import Acceleration
+from utils.cli import Config, parse_config
+from utils.errors import UserError
+from utils.evaluation import EvaluatedNetworks, evaluate_row
+from utils.experiment import build_tasks
+from utils.metrics import average_bwt, final_accuracy
+from utils.task_inference import INFERENCE_METHODS, TaskInference
+from utils.train import Task
+
+log = logging.getLogger(__name__)
+
+
+def saved_run(directory: Path, device: str | None, data_dir: Path | None) -> tuple[Config, dict[str, Any]]:
+    """The config a run in `directory` was made with (its device and data folder replaced when
+    given) and its final checkpoint; UserError if it cannot be tested again exactly."""
+    path = directory / run_dir.CHECKPOINT_FILE
+    if not path.is_file():
+        raise UserError(f"{directory}: no {run_dir.CHECKPOINT_FILE} (not a run directory, or no task finished yet)")
+    state = run_dir.read_run_file(path)
+    if isinstance(state, run_dir.Damaged) or "config" not in state:
+        raise UserError(f"{path}: not a checkpoint of this program, or cut short")
+    saved = state["config"]
+    if not (saved.get("sparse") and saved.get("isolate")):
+        raise UserError(f"{directory}: only an isolated sparse run keeps every task's network in its last checkpoint")
+    flags = ["--data_dir", str(data_dir or saved["data_dir"]), "--device", device or saved["device"]]
+    base = parse_config(flags, saved["dataset"])
+    fields = {field.name for field in dataclasses.fields(Config)} - {"data_dir", "device", "output_dir"}
+    recorded = {key: Path(value) if key == "data_dir" else value for key, value in saved.items() if key in fields}
+    return dataclasses.replace(base, **recorded, output_dir=directory), state
+
+
+def matching_tasks(config: Config, recorded: dict[str, Any]) -> list[Task]:
+    """The run's tasks, read again; UserError if the data differs from the run's."""
+    tasks = build_tasks(config)
+    expected = recorded.get(run_dir.FINGERPRINT)
+    if expected is not None and run_dir.data_fingerprint(tasks) != expected:
+        raise UserError(f"the data in {config.data_dir} is not the data this run was trained on (--data_dir)")
+    return tasks
+
+
+def retest(config: Config, state: dict[str, Any], tasks: list[Task], methods: Sequence[str],
+           batch_sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """Both accuracy matrices of the tasks the checkpoint finished, per test batch size and method."""
+    accel = Acceleration.for_device(config.device, amp=config.amp)
+    model = build_model(config.net_name, config.num_classes).to(accel.device)
+    model.load_state_dict(state["model"])
+    task_masks = TaskMasks.from_state_dict(state["task_masks"], accel.device)
+    done, classes = len(task_masks), [task.classes for task in tasks]
+    results = []
+    for size in batch_sizes:
+        loaders = [TensorLoader(task.test, batch_size=size, train=False, device=accel.device,
+                                channels_last=accel.channels_last) for task in tasks]
+        tested = EvaluatedNetworks()
+        final_row = evaluate_row(model, task_masks, classes, loaders, done - 1, mode=config.eval,
+                                 autocast=accel.autocast, tested=tested)[:done]
+        for method in methods:
+            inference = TaskInference(method, config.eval, accel.autocast, tested)
+            rows = [inference.row(model, task_masks, classes, loaders, i) for i in range(done)]
+            agnostic = np.array([row.accuracy[:done] for row in rows])
+            results.append({
+                "method": method, "test_batch_size": size, "tasks": done, "acc": float(final_row.mean()),
+                "acc_final_row": final_row.tolist(), "acc_agnostic": final_accuracy(agnostic),
+                "bwt_agnostic": average_bwt(agnostic), "task_id_accuracy": [row.task_id_accuracy for row in rows],
+                "seconds": sum(row.seconds for row in rows),
+                "forward_passes": sum(row.forward_passes for row in rows),
+                "backward_passes": sum(row.backward_passes for row in rows),
+                "acc_matrix_agnostic": [[None if np.isnan(v) else float(v) for v in row] for row in agnostic]})
+            log.info("test batches of %d, %s: task-agnostic ACC %.2f %%", size, method, results[-1]["acc_agnostic"])
+    return results
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one line per method and test batch size."""
+    lines = ["| method | test batch | ACC (task id given) | ACC (task id inferred) | BWT (inferred) | "
+             "task found, last row | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['test_batch_size']} | {r['acc']:.2f} | {r['acc_agnostic']:.2f} | "
+                     f"{r['bwt_agnostic']:.2f} | {r['task_id_accuracy'][-1]:.1f} % | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m utils.retest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run's output directory (holding checkpoint.pt)")
+    parser.add_argument("--methods", nargs="+", choices=INFERENCE_METHODS[1:], default=list(INFERENCE_METHODS[1:]))
+    parser.add_argument("--test_batch_sizes", nargs="+", type=int, default=[16, 64, 128])
+    parser.add_argument("--device", help="where to test (default: the run's device)")
+    parser.add_argument("--data_dir", type=Path, help="where the run's dataset is (default: the run's --data_dir)")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default: RUN_DIR/retest.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if min(args.test_batch_sizes) < 2:
+            raise UserError("--test_batch_sizes: a batch needs at least 2 images (BatchNorm uses batch statistics)")
+        config, state = saved_run(args.run_dir, args.device, args.data_dir)
+        tasks = matching_tasks(config, state["config"])
+        results = retest(config, state, tasks, args.methods, args.test_batch_sizes)
+        out = args.out or args.run_dir / "retest.json"
+        run_dir.write_json(out, {"run": str(args.run_dir), "config": config.to_dict(), "results": results})
+    except (UserError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
