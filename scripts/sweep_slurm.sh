@@ -158,9 +158,9 @@ build_sbatch_command() {
   # append: a requeued task adds to its SLURM output file instead of overwriting it.
   ((SIGNAL_SECONDS > 0)) && SBATCH_COMMAND+=("--signal=B:USR1@$SIGNAL_SECONDS" --requeue --open-mode=append)
   grid_options
-  SBATCH_COMMAND+=("${EXTRA_SBATCH[@]}" "$self" --signal-seconds "$SIGNAL_SECONDS")
-  ((PER_GPU == 1)) || SBATCH_COMMAND+=(--per-gpu "$PER_GPU")
-  SBATCH_COMMAND+=("${GRID_REBUILD[@]}" -- "$GRID_SCRIPT" "${GRID_FLAGS[@]}")
+  # --per-gpu always: the tasks get this environment (ALL), whose PER_GPU an option may have overridden
+  SBATCH_COMMAND+=("${EXTRA_SBATCH[@]}" "$self" --signal-seconds "$SIGNAL_SECONDS" --per-gpu "$PER_GPU"
+    "${GRID_REBUILD[@]}" -- "$GRID_SCRIPT" "${GRID_FLAGS[@]}")
 }
 
 # One line on what an array task does at its time limit.

@@ -183,9 +183,9 @@ def test_slurm_dry_run_prints_the_sbatch_command_and_the_grid(tmp_path):
                    "--signal=B:USR1@120", "--requeue", "--open-mode=append"):
         assert option in sbatch
     script_at = sbatch.index(str(SWEEP_SLURM))
-    assert sbatch[script_at + 1:] == ["--signal-seconds", "120", "--densities", "0.2,0.1", "--inits", "ERK",
-                                      "--growths", "random,unfired", "--seeds", "0", "--out", str(out), "--",
-                                      str(ROOT / "cifar100.py"), "--epochs", "25"]
+    assert sbatch[script_at + 1:] == ["--signal-seconds", "120", "--per-gpu", "1", "--densities", "0.2,0.1",
+                                      "--inits", "ERK", "--growths", "random,unfired", "--seeds", "0", "--out",
+                                      str(out), "--", str(ROOT / "cifar100.py"), "--epochs", "25"]
     assert lines[1] == "on USR1 (120 s before the time limit) a run saves and the array task requeues itself"
     assert lines[2].startswith("grid: 4 points")
     assert [line.split()[:3] for line in lines[3:]] == [[str(i), "new", f"{name}:"] for i, name in enumerate(POINTS)]
@@ -214,7 +214,8 @@ def test_slurm_warning_signal_seconds_from_option_or_environment(tmp_path, optio
         assert lines[1].startswith("no warning signal (--signal-seconds 0)")
 
 
-@pytest.mark.parametrize(("options", "env"), [(["--per-gpu", "3"], {}), ([], {"PER_GPU": "3"})])
+@pytest.mark.parametrize(("options", "env"), [(["--per-gpu", "3"], {}), ([], {"PER_GPU": "3"}),
+                                              (["--per-gpu", "3"], {"PER_GPU": "1"})])  # the option wins
 def test_slurm_per_gpu_packs_k_points_into_each_array_task(tmp_path, options, env):
     out = tmp_path / "array"
     grid = ["--densities", "0.2,0.1,0.05", "--growths", "random,unfired", "--inits", "ERK", "--out", str(out)]
