@@ -2,7 +2,7 @@
 # Run a grid of experiments on this machine, several at a time: densities x inits x growths x
 # seeds for one entry script, one run directory per point.
 #
-#   scripts/sweep.sh [-j N] [--densities 0.2,0.1,0.05] [--growths random,unfired,momentum,gradient]
+#   scripts/sweep.sh [-j N] [--per-gpu K] [--densities 0.2,0.1,0.05] [--growths random,unfired,momentum,gradient]
 #                    [--inits ERK,uniform] [--seeds 0,1,2] [--out DIR] [--retry-failed] [--dry-run]
 #                    -- cifar100.py [flags for every run]
 #
@@ -18,7 +18,7 @@ POLL_SECONDS=0.5  # how often to look for finished runs
 
 usage() {
   cat <<EOF
-usage: scripts/sweep.sh [-j N] [grid options] [--dry-run] -- SCRIPT [flags for every run]
+usage: scripts/sweep.sh [-j N] [--per-gpu K] [grid options] [--dry-run] -- SCRIPT [flags for every run]
 
 Runs SCRIPT (cifar100.py or miniImageNet100.py) once per point of the grid densities x inits x
 growths x seeds, up to N runs at a time, each in OUT/<init>_<growth>_d<density>_s<seed> with its
@@ -26,16 +26,25 @@ console output appended to OUT/logs/<same name>.log. Finished points are skipped
 resumed. Ends with a summary; the exit code is 1 if a run failed, 3 if none failed but one was
 stopped by a signal (saved: run the sweep again to resume it), 2 for a usage mistake.
 
-  -j N               runs at a time (env JOBS; default: one per visible GPU, each pinned to its
-                     GPU with CUDA_VISIBLE_DEVICES; 1 without GPUs). GPUs: the list in
-                     CUDA_VISIBLE_DEVICES if set, else those nvidia-smi -L lists
+  -j N               runs at a time (env JOBS; default: K per visible GPU, see --per-gpu; 1
+                     without GPUs). GPUs: the list in CUDA_VISIBLE_DEVICES if set, else those
+                     nvidia-smi -L lists. Slot s (0 <= s < N) runs on GPU number s mod (number of
+                     GPUs), pinned with CUDA_VISIBLE_DEVICES
+  --per-gpu K        runs at a time on each GPU (env PER_GPU; default 1): the default of -j is
+                     K x (number of GPUs). An explicit -j N (or JOBS) wins: N at a time, spread
+                     over the GPUs as above, so a GPU holds N/(number of GPUs) runs, rounded up,
+                     whatever K. K > 1 without a visible GPU is refused (nothing to pack; use -j
+                     for runs at a time on the CPU; CUDA_VISIBLE_DEVICES=0,1 with --dry-run
+                     previews a GPU machine)
 $GRID_OPTIONS_HELP
-  --dry-run          print each point's state and command, run nothing
+  --dry-run          print the runs at a time, each slot's GPU, each point's state and command;
+                     run nothing
   -h, --help         this help
 
 The interpreter is \$PYTHON, else python (else python3) on PATH.
-example: scripts/sweep.sh -j 2 --densities 0.2,0.1 --seeds 0,1 -- cifar100.py --num_tasks 10 \\
+examples: scripts/sweep.sh -j 2 --densities 0.2,0.1 --seeds 0,1 -- cifar100.py --num_tasks 10 \\
            --num_classes 100 --num_classes_per_task 10 --epochs 100 --update_frequency 400
+          scripts/sweep.sh --per-gpu 3 --seeds 0,1,2 -- cifar100.py --num_tasks 10 (3 per GPU)
 EOF
 }
 
@@ -57,16 +66,40 @@ format_seconds() {
   printf '%d:%02d:%02d' $(($1 / 3600)) $(($1 / 60 % 60)) $(($1 % 60))
 }
 
-# This script's own option for grid_parse_args: -j N, into JOBS.
+# This script's own options for grid_parse_args: -j N into JOBS, --per-gpu K into PER_GPU.
 take_script_option() {
   case $1 in
-    -j | --jobs)
+    -j | --jobs | --per-gpu)
       (($# >= 2)) || grid_die "$1 needs a value"
-      JOBS=$2 GRID_SHIFT=2
+      if [[ $1 == --per-gpu ]]; then PER_GPU=$2; else JOBS=$2; fi
+      GRID_SHIFT=2
       ;;
     -j?*) JOBS=${1#-j} GRID_SHIFT=1 ;;
     *) return 1 ;;
   esac
+}
+
+# Check PER_GPU and JOBS against the GPUs and default JOBS to PER_GPU x (number of GPUs).
+choose_runs_at_a_time() {
+  [[ $PER_GPU =~ ^[1-9][0-9]*$ ]] || grid_die "--per-gpu needs a whole number of runs per GPU >= 1, got '$PER_GPU'"
+  ((${#GPUS[@]} > 0 || PER_GPU == 1)) || grid_die "--per-gpu $PER_GPU: no GPU is visible" \
+    "(CUDA_VISIBLE_DEVICES, nvidia-smi -L), so there is nothing to pack; use -j N for runs at a time"
+  if [[ -z $JOBS ]]; then JOBS=$((${#GPUS[@]} > 0 ? PER_GPU * ${#GPUS[@]} : 1)); fi
+  [[ $JOBS =~ ^[1-9][0-9]*$ ]] || grid_die "-j needs a positive number of runs at a time, got '$JOBS'"
+}
+
+# One line naming the slots of each GPU, e.g. "4 runs at a time: slots 0,2 on GPU 0, slots 1,3
+# on GPU 1"; nothing without GPUs (the header says "no GPU").
+describe_slots() {
+  local n_gpus=${#GPUS[@]} gpu slot slots line=""
+  ((n_gpus)) || return 0
+  for ((gpu = 0; gpu < n_gpus && gpu < JOBS; gpu++)); do
+    slots=""
+    for ((slot = gpu; slot < JOBS; slot += n_gpus)); do slots+="${slots:+,}$slot"; done
+    if [[ $slots == *,* ]]; then slots="slots $slots"; else slots="slot $slots"; fi
+    line+="${line:+, }$slots on GPU ${GPUS[gpu]}"
+  done
+  if ((JOBS == 1)); then echo "1 run at a time: $line"; else echo "$JOBS runs at a time: $line"; fi
 }
 
 # ---- running points, several at a time ----------------------------------------------------
@@ -170,17 +203,18 @@ summarize() {
 # ---- main ------------------------------------------------------------------------------------
 
 JOBS=${JOBS:-}
+PER_GPU=${PER_GPU:-1}
 DRY_RUN=0
 grid_parse_args "$@"
 grid_setup "${RUN_ARGS[@]}"
 mapfile -t GPUS < <(visible_gpus)
-if [[ -z $JOBS ]]; then JOBS=$((${#GPUS[@]} > 0 ? ${#GPUS[@]} : 1)); fi
-[[ $JOBS =~ ^[1-9][0-9]*$ ]] || grid_die "-j needs a positive number of runs at a time, got '$JOBS'"
+choose_runs_at_a_time
 TOTAL=$(grid_size)
 if ((DRY_RUN)); then grid_check_flags; else grid_check_flags --record; fi
 
 if ((${#GPUS[@]})); then device="GPUs $(IFS=, && echo "${GPUS[*]}")"; else device="no GPU"; fi
 say "$GRID_PROG: $(grid_describe); $JOBS at a time, $device"
+describe_slots
 trap on_interrupt INT TERM
 
 for ((index = 0; index < TOTAL; index++)); do

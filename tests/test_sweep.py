@@ -26,8 +26,8 @@ from utils.cli import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP, SWEEP_SLURM = ROOT / "scripts" / "sweep.sh", ROOT / "scripts" / "sweep_slurm.sh"
-GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PYTHON", "SLURM_ARRAY_TASK_ID",
-            "SLURM_ARRAY_JOB_ID", "SWEEP_SIGNAL_SECONDS", "SWEEP_TIME")
+GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PER_GPU", "PYTHON", "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_JOB_ID", "SWEEP_SIGNAL_SECONDS", "SWEEP_TIME", "SWEEP_GPUS")
 
 
 def tiny_flags(data_dir: Path, tasks: int = 2, max_batches: int = 3) -> list[str]:
@@ -183,9 +183,9 @@ def test_slurm_dry_run_prints_the_sbatch_command_and_the_grid(tmp_path):
                    "--signal=B:USR1@120", "--requeue", "--open-mode=append"):
         assert option in sbatch
     script_at = sbatch.index(str(SWEEP_SLURM))
-    assert sbatch[script_at + 1:] == ["--signal-seconds", "120", "--densities", "0.2,0.1", "--inits", "ERK",
-                                      "--growths", "random,unfired", "--seeds", "0", "--out", str(out), "--",
-                                      str(ROOT / "cifar100.py"), "--epochs", "25"]
+    assert sbatch[script_at + 1:] == ["--signal-seconds", "120", "--per-gpu", "1", "--densities", "0.2,0.1",
+                                      "--inits", "ERK", "--growths", "random,unfired", "--seeds", "0", "--out",
+                                      str(out), "--", str(ROOT / "cifar100.py"), "--epochs", "25"]
     assert lines[1] == "on USR1 (120 s before the time limit) a run saves and the array task requeues itself"
     assert lines[2].startswith("grid: 4 points")
     assert [line.split()[:3] for line in lines[3:]] == [[str(i), "new", f"{name}:"] for i, name in enumerate(POINTS)]
@@ -212,6 +212,27 @@ def test_slurm_warning_signal_seconds_from_option_or_environment(tmp_path, optio
     else:
         assert not any(word.startswith(("--signal=", "--requeue", "--open-mode")) for word in sbatch)
         assert lines[1].startswith("no warning signal (--signal-seconds 0)")
+
+
+@pytest.mark.parametrize(("options", "env"), [(["--per-gpu", "3"], {}), ([], {"PER_GPU": "3"}),
+                                              (["--per-gpu", "3"], {"PER_GPU": "1"})])  # the option wins
+def test_slurm_per_gpu_packs_k_points_into_each_array_task(tmp_path, options, env):
+    out = tmp_path / "array"
+    grid = ["--densities", "0.2,0.1,0.05", "--growths", "random,unfired", "--inits", "ERK", "--out", str(out)]
+    done = run_script(SWEEP_SLURM, "--dry-run", *options, *grid, "--", "cifar100.py", env=environment(**env))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    sbatch = shlex.split(lines[0])
+    assert "--array=0-1" in sbatch and "--gres=gpu:1" in sbatch  # 6 points, 3 per task: 2 tasks
+    assert sbatch[sbatch.index(str(SWEEP_SLURM)) + 1:][:4] == ["--signal-seconds", "120", "--per-gpu", "3"]
+    assert lines[1] == "on USR1 (120 s before the time limit) each of its runs saves and the array task requeues itself"
+    assert lines[2] == ("2 array tasks, up to 3 points each at the same time on the task's one GPU: "
+                        "task 0: points 0,1,2; task 1: points 3,4,5")
+    assert lines[3].startswith("grid: 6 points") and len(lines) == 4 + 6
+    five = run_script(SWEEP_SLURM, "--dry-run", "--per-gpu", "2", *grid[:1], "0.2,0.1", *grid[2:], "--seeds", "0",
+                      "--growths", "random,unfired,gradient,momentum,gradient", "--", "cifar100.py")
+    assert five.returncode == 0 and "--array=0-4" in five.stdout.splitlines()[0]  # 10 points, 2 per task
+    assert five.stdout.splitlines()[2].endswith("task 3: points 6,7; task 4: points 8,9")
 
 
 def test_slurm_submission_without_sbatch_is_a_user_error(tmp_path):
@@ -323,6 +344,44 @@ def test_one_run_per_gpu_each_pinned_to_its_gpu(tmp_path, fake_entry, visible, e
         assert all(s["gpu"] != r["gpu"] for s in records if s is not r and r["start"] <= s["start"] < r["end"])
 
 
+@pytest.mark.parametrize(("options", "env", "slots"), [
+    (["--per-gpu", "1"], {}, "2 runs at a time: slot 0 on GPU 0, slot 1 on GPU 1"),
+    (["--per-gpu", "2"], {}, "4 runs at a time: slots 0,2 on GPU 0, slots 1,3 on GPU 1"),
+    (["--per-gpu=3"], {}, "6 runs at a time: slots 0,2,4 on GPU 0, slots 1,3,5 on GPU 1"),
+    ([], {"PER_GPU": "2"}, "4 runs at a time: slots 0,2 on GPU 0, slots 1,3 on GPU 1"),
+    (["--per-gpu", "2"], {"PER_GPU": "5"}, "4 runs at a time: slots 0,2 on GPU 0, slots 1,3 on GPU 1"),
+    (["--per-gpu", "2", "-j", "3"], {}, "3 runs at a time: slots 0,2 on GPU 0, slot 1 on GPU 1"),  # -j wins
+    (["--per-gpu", "2"], {"JOBS": "1"}, "1 run at a time: slot 0 on GPU 0"),
+])
+def test_per_gpu_packs_k_runs_on_each_gpu_in_the_dry_run(tmp_path, options, env, slots):
+    env = environment(PATH=fake_gpus(tmp_path, 2), **env)
+    del env["CUDA_VISIBLE_DEVICES"]  # the two GPUs of the fake nvidia-smi -L
+    done = run_script(SWEEP, *options, "--dry-run", *GRID, "--out", tmp_path / "out", "--", "cifar100.py", env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith(f"{slots.split()[0]} at a time, GPUs 0,1") and lines[1] == slots
+    assert [line.split()[:3] for line in lines[2:]] == [[f"[{i + 1}/4]", "new", f"{name}:"]
+                                                        for i, name in enumerate(POINTS)]
+    assert not (tmp_path / "out").exists()
+
+
+def test_per_gpu_runs_k_at_once_on_each_gpu_each_pinned(tmp_path, fake_entry):
+    grid = ["--densities", "0.2,0.1,0.05", "--growths", "random,unfired", "--inits", "ERK"]  # 6 points
+    env = environment(PATH=fake_gpus(tmp_path, 2), FAKE_SECONDS="1.5")
+    del env["CUDA_VISIBLE_DEVICES"]
+    done = run_script(SWEEP, "--per-gpu", "2", *grid, "--out", tmp_path / "out", "--", fake_entry, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[1] == "4 runs at a time: slots 0,2 on GPU 0, slots 1,3 on GPU 1"
+    names = [f"ERK_{g}_d{d}_s0" for d in ("0.2", "0.1", "0.05") for g in ("random", "unfired")]
+    records = {name: results(tmp_path / "out" / name) for name in names}
+    for name, record in records.items():  # each run saw the GPU the sweep says it started it on
+        assert f" {name} on GPU {record['gpu']} (log: " in done.stdout
+    by_gpu = {gpu: [r for r in records.values() if r["gpu"] == gpu] for gpu in ("0", "1")}
+    assert sum(map(len, by_gpu.values())) == 6
+    assert max_overlap(list(records.values())) == 4
+    assert max(max_overlap(runs) for runs in by_gpu.values() if runs) == 2  # never more than K on one GPU
+
+
 def test_without_gpus_one_run_at_a_time_unless_told(tmp_path, fake_entry):
     done = run_script(SWEEP, *GRID, "--out", tmp_path / "out", "--", fake_entry,
                       env=environment(FAKE_SECONDS="0.3"))
@@ -372,6 +431,12 @@ def test_an_interrupted_sweep_stops_its_runs(tmp_path, fake_entry):
     ["--", "--num_tasks", "2"],
     ["-j", "0", "--", "cifar100.py"],
     ["-j", "two", "--", "cifar100.py"],
+    ["--per-gpu", "0", "--", "cifar100.py"],
+    ["--per-gpu", "two", "--", "cifar100.py"],
+    ["--per-gpu", "-1", "--", "cifar100.py"],
+    ["--per-gpu", "1.5", "--", "cifar100.py"],
+    ["--per-gpu"],
+    ["--per-gpu", "2", "--", "cifar100.py"],  # no GPU here: nothing to pack
     ["-j"],
     ["--out"],
     ["--densities", "--", "cifar100.py"],
@@ -390,6 +455,10 @@ def test_a_usage_mistake_is_one_line_and_exit_2(args):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--gpus", "x", "--", "cifar100.py"], "--gpus needs a number"),
+    (["--per-gpu", "0", "--", "cifar100.py"], "--per-gpu needs a whole number of runs per GPU >= 1, got '0'"),
+    (["--per-gpu", "many", "--", "cifar100.py"], "--per-gpu needs a whole number"),
+    (["--per-gpu", "2", "--gpus", "2", "--", "cifar100.py"], "it needs --gpus 1, got --gpus 2"),
+    (["--per-gpu", "2", "--gpus", "0", "--", "cifar100.py"], "it needs --gpus 1, got --gpus 0"),
     (["--", "cifar100.py", "--resume"], "--resume is set by the sweep"),
     (["--partition"], "--partition needs a value"),
     (["-j", "2", "--", "cifar100.py"], "unknown option '-j'"),
@@ -497,6 +566,53 @@ def test_usr1_to_the_batch_shell_reaches_the_run_which_saves_and_requeues(tmp_pa
     assert shell.returncode == 0, stdout + stderr
     assert "USR1 (the time limit is near): asking the run to save and stop" in stdout
     assert calls.read_text() == "requeue 4242_0\n"
+
+
+def packed(args: list[str], k: int = 2) -> list[str]:
+    """The one-point sweep `args` as a sweep of two points (growths random, unfired), k per array task."""
+    return ["--per-gpu", str(k), *args[:args.index("--")], "--growths", "random,unfired", *args[args.index("--"):]]
+
+
+def test_a_packed_array_task_forwards_usr1_to_every_run_and_requeues_once(tmp_path, array_task):
+    args, point, calls = array_task
+    points = [point, point.parent / "ERK_unfired_d0.2_s0"]
+    shell = subprocess.Popen(["bash", str(SWEEP_SLURM), *packed(args)], env=task_environment(tmp_path), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all((p / "pid").exists() and (p / "pid").read_text() for p in points) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)  # both points of task 0 run at the same time
+        shell.send_signal(signal.SIGUSR1)
+        stdout, stderr = shell.communicate(timeout=30)
+    finally:
+        shell.kill()
+    assert shell.returncode == 0, stdout + stderr
+    assert all((p / "signal").read_text() == str(int(signal.SIGUSR1)) for p in points)  # both runs got it
+    assert stdout.count("USR1 (the time limit is near): asking the run to save and stop") == 2
+    assert calls.read_text() == "requeue 4242_0\n"  # one requeue for the task, after both saved
+    assert ("points 0 ERK_random_d0.2_s0, 1 ERK_unfired_d0.2_s0: stopped by a signal, saved (exit 3); "
+            "requeueing array task 4242_0 to continue them") in stdout
+
+
+@pytest.mark.parametrize("other", ["complete", "failed"])
+def test_a_packed_array_task_skips_complete_points_and_fails_on_a_failed_one(tmp_path, array_task, other):
+    args, point, calls = array_task
+    second = point.parent / "ERK_unfired_d0.2_s0"  # point 1: complete, or stopped early (failed)
+    second.mkdir(parents=True)
+    (second / "results.json").write_text('{"config": {}}' if other == "complete" else '{"complete": false}')
+    done = run_script(SWEEP_SLURM, *packed(args), env=task_environment(tmp_path, FAKE_EXIT="3"))
+    assert (point / "pid").exists() and not (second / "pid").exists()  # point 1 is not run
+    assert calls.read_text() == "requeue 4242_0\n"  # point 0 was stopped: the task is requeued anyway
+    assert "point 0 ERK_random_d0.2_s0: stopped by a signal, saved (exit 3); requeueing" in done.stdout
+    if other == "complete":
+        assert done.returncode == 0 and "point 1 ERK_unfired_d0.2_s0: skip (complete)" in done.stdout
+    else:  # a failed point fails the task, requeued or not
+        assert done.returncode == 1 and "point 1 ERK_unfired_d0.2_s0: FAILED" in done.stdout
+    env = task_environment(tmp_path)
+    env["SLURM_ARRAY_TASK_ID"] = "1"  # 2 points, 2 per task: task 0 only
+    outside = run_script(SWEEP_SLURM, *packed(args), env=env)
+    assert outside.returncode == 2 and "outside the grid (0-0: array tasks of 2 points each)" in outside.stderr
 
 
 def test_the_scripts_are_shellcheck_clean():
