@@ -23,7 +23,8 @@ BASE_CONFIG = {"dataset": "cifar100", "num_tasks": 3, "num_classes": 30, "num_cl
                "output_dir": "x", "max_batches": None}
 
 
-def fake_run(directory: Path, acc: float, bwt: float = 0.0, complete: bool | None = None, **settings) -> dict:
+def fake_run(directory: Path, acc: float, bwt: float = 0.0, complete: bool | None = None,
+             agnostic: float | None = None, **settings) -> dict:
     """Write a fabricated results.json (fixture): final-row accuracies averaging `acc`, and
     capacity records of a run with the config's density that reuses 30 % of its mask."""
     config = {**BASE_CONFIG, **settings}
@@ -41,6 +42,8 @@ def fake_run(directory: Path, acc: float, bwt: float = 0.0, complete: bool | Non
                "per_task": per_task, "environment": {}}
     if complete is not None:
         results["complete"] = complete
+    if agnostic is not None:  # task inference: ACC with the task id hidden, its BWT, task found per row
+        results.update(acc_agnostic=agnostic, bwt_agnostic=agnostic - acc, task_id_accuracy=[100.0] * (tasks - 1) + [75.0])
     directory.mkdir(parents=True)
     (directory / "results.json").write_text(json.dumps(results))
     return results
@@ -80,7 +83,7 @@ def runs_dir(tmp_path) -> Path:
     (root / "grid" / "uniform_momentum_d0.2_s0" / "config.json").write_text(json.dumps(BASE_CONFIG))
     (root / "grid" / "ERK_unfired_d0.2_s0").mkdir()
     (root / "grid" / "ERK_unfired_d0.2_s0" / "checkpoint.pt").write_bytes(b"")
-    fake_run(root / "five_tasks" / "run", 70.0, num_tasks=5, num_classes=50)
+    fake_run(root / "five_tasks" / "run", 70.0, agnostic=41.5, num_tasks=5, num_classes=50, task_inference="entropy")
     return root
 
 
@@ -126,6 +129,19 @@ def test_table_rows_columns_and_cells_match_the_results(runs_dir, capsys):
     assert rows["sparse fine-tuning: ERK + random"][1:] == ["40.00 (n=1)", "", "-20.00"]
     # the failed run (99 %) is not averaged in, the other benchmark has its own table
     assert tables["cifar100, 5 tasks x 10 classes"][1] == ["ERK + random", "70.00 (n=1)", "0.00"]
+
+
+def test_task_agnostic_figures_get_a_table_of_their_own_and_csv_columns(runs_dir):
+    text = run_report(runs_dir, "--no-figures")
+    three, five = (text.split("## cifar100, 5 tasks")[k] for k in (0, 1))
+    assert "Task id hidden" not in three  # no run there inferred tasks
+    assert "`--task_inference entropy`" in five and "task_inference entropy" in five  # settings line too
+    agnostic_table = markdown_tables(five.split("Task id hidden", 1)[1].replace("##", "#"))[None]
+    assert agnostic_table[1] == ["ERK + random", "41.50 (n=1)", f"{41.5 - 70.0:.2f}"]
+    rows = list(csv.DictReader(io.StringIO((runs_dir / "report.csv").read_text())))
+    five_tasks = [row for row in rows if row["num_tasks"] == "5"][0]
+    assert (five_tasks["acc_agnostic"], five_tasks["task_inference"], five_tasks["task_found"]) == ("41.5", "entropy", "75.0")
+    assert [row for row in rows if row["num_tasks"] == "3"][0]["acc_agnostic"] == ""
 
 
 def test_failed_and_unfinished_runs_are_listed_not_dropped(runs_dir):
@@ -180,7 +196,8 @@ def test_figures_are_png_images(runs_dir, tmp_path, capsys):
     assert len(heatmaps) == 33  # every run with a results.json, the failed one included
     assert (figures / "acc_matrix" / "grid__ERK_random_d0.2_s0.png") in heatmaps
     expected = [figures / "cifar100_3tasks_acc_vs_sparsity.png", figures / "cifar100_3tasks_capacity.png",
-                figures / "cifar100_5tasks_acc_vs_sparsity.png", figures / "cifar100_5tasks_capacity.png"]
+                figures / "cifar100_5tasks_acc_vs_sparsity.png", figures / "cifar100_5tasks_acc_agnostic_vs_sparsity.png",
+                figures / "cifar100_5tasks_capacity.png"]
     for path in [heatmaps[0], *expected]:
         with Image.open(path) as image:
             image.verify()

@@ -16,6 +16,8 @@ Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS
     n; std is the sample standard deviation (n - 1) and is left out when n = 1. The BWT column is
     mean ± std over all of the row's runs. Below each table: the settings its runs share, and a
     warning when they differ in a setting the table does not show (the cells would mix them).
+    Runs that also tested with the task id hidden (``--task_inference``) get a second table of the
+    same layout: the task-agnostic final ACC and the BWT of the task-agnostic matrix.
     Then every run that is not in a table: failed (its results.json says ``"complete": false``)
     and unfinished (started: config.json or a checkpoint, but no results.json; maybe still running,
     maybe crashed).
@@ -25,7 +27,8 @@ Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS
     of ``complete`` rows sharing dataset, num_tasks, row and sparsity_percent.
 ``figures/`` (needs matplotlib: ``pip install -r requirements-figures.txt``; skipped otherwise)
     ``acc_matrix/<run>.png``: each run's accuracy matrix (percent; row i = after task i).
-    ``<benchmark>_acc_vs_sparsity.png``: ACC against sparsity, one line per table row (± std).
+    ``<benchmark>_acc_vs_sparsity.png``: ACC against sparsity, one line per table row (± std);
+    ``<benchmark>_acc_agnostic_vs_sparsity.png``: the same for the task-agnostic ACC (if measured).
     ``<benchmark>_capacity.png``: the backbone after each task, stacked: weights reused by the
     task from earlier tasks / new in the task / used only by earlier tasks / still free; one panel
     per init x sparsity, mean over growths and seeds (isolated dynamic-sparse runs).
@@ -55,7 +58,8 @@ from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, FINGERPRINT, PROGRESS_FI
 FIGURES_HINT = "pip install -r requirements-figures.txt"
 INIT_ORDER = ("ERK", "uniform")
 GROWTH_ORDER = ("random", "unfired", "momentum", "gradient")
-SHOWN_SETTINGS = ("num_classes_per_task", "epochs", "update_frequency", "max_batches")
+SHOWN_SETTINGS = ("num_classes_per_task", "epochs", "update_frequency", "max_batches", "task_inference",
+                  "test_batch_size")
 # Settings that may differ between the runs of one table: the table's own axes, settings that
 # do not change results (those --resume accepts changed), and the data's fingerprint (recorded
 # with the config; it changes with the seed: miniImageNet's test split, a random class order).
@@ -63,7 +67,7 @@ TABLE_AXES = ("dataset", "num_tasks", "sparse", "isolate", "sparse_init", "growt
               *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
 CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "sparse", "isolate", "sparse_init", "growth",
                 "density", "update_frequency", "epochs", "seed")
-CSV_METRICS = ("acc", "bwt", "fwt", "forgetting")
+CSV_METRICS = ("acc", "bwt", "fwt", "forgetting", "acc_agnostic", "bwt_agnostic")
 
 
 # ---- runs ------------------------------------------------------------------------------------
@@ -182,9 +186,13 @@ class Table:
         values = [run.results[metric] for run in self.runs_in(row, column) if run.results.get(metric) is not None]
         return stats(values) if values else None
 
-    def row_bwt(self, row: str) -> Stats | None:
-        values = [run.results["bwt"] for run in self.runs_in(row) if run.results.get("bwt") is not None]
+    def row_stats(self, row: str, metric: str = "bwt") -> Stats | None:
+        """`metric` over all runs of the row (any sparsity)."""
+        values = [run.results[metric] for run in self.runs_in(row) if run.results.get(metric) is not None]
         return stats(values) if values else None
+
+    def has(self, metric: str) -> bool:
+        return any(run.results.get(metric) is not None for run in self.runs)
 
 
 def build_tables(runs: Sequence[Run]) -> list[Table]:
@@ -249,13 +257,13 @@ def duplicate_warnings(table: Table) -> list[str]:
 
 # ---- report.md -------------------------------------------------------------------------------
 
-def markdown_table(table: Table) -> str:
+def markdown_table(table: Table, metric: str = "acc", bwt_metric: str = "bwt") -> str:
     columns = table.columns()
     header = ["init + growth", *map(format_percent, columns), "BWT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows():
-        cells = [table.cell(row, column) for column in columns]
-        bwt = table.row_bwt(row)
+        cells = [table.cell(row, column, metric) for column in columns]
+        bwt = table.row_stats(row, bwt_metric)
         texts = ["" if cell is None else format_stats(cell) for cell in cells]
         lines.append("| " + " | ".join([row, *texts, "" if bwt is None else format_stats(bwt, with_n=False)]) + " |")
     return "\n".join(lines)
@@ -266,6 +274,13 @@ def table_section(table: Table, figures: list[Path]) -> str:
              "Final ACC (%) after the last task: mean ± std over seeds (n runs); sparsity = 1 - density. "
              "BWT (%): mean ± std over all runs of the row.",
              markdown_table(table)]
+    if table.has("acc_agnostic"):
+        methods = sorted({run.config.get("task_inference") for run in table.runs if run.results.get("acc_agnostic")
+                          is not None}, key=str)
+        parts += [f"Task id hidden at test time and inferred (`--task_inference {' / '.join(map(str, methods))}`): "
+                  "final task-agnostic ACC (%), mean ± std over seeds (n runs with task inference); BWT (%) of the "
+                  "task-agnostic matrix (tasks compete for the batches: not zero under isolation).",
+                  markdown_table(table, "acc_agnostic", "bwt_agnostic")]
     notes = settings_lines(table) + duplicate_warnings(table)
     if notes:
         parts.append("\n".join(notes))
@@ -306,6 +321,8 @@ def csv_row(run: Run) -> dict[str, Any]:
     row["table_row"] = table_row(config)[1] if config else ""
     row["sparsity_percent"] = sparsity_percent(config) if "density" in config else ""
     row.update({key: "" if results.get(key) is None else results[key] for key in CSV_METRICS})
+    row["task_inference"] = config.get("task_inference", "")
+    row["task_found"] = (results.get("task_id_accuracy") or [""])[-1]
     per_task = results.get("per_task") or []
     row["capacity_used"] = per_task[-1].get("capacity_used", "") if per_task else ""
     seconds = [task["train_seconds"] for task in per_task if "train_seconds" in task]
@@ -315,7 +332,8 @@ def csv_row(run: Run) -> dict[str, Any]:
 
 
 def to_csv(runs: Sequence[Run]) -> str:
-    fields = ["status", *CSV_SETTINGS, "table_row", "sparsity_percent", *CSV_METRICS, "capacity_used",
+    fields = ["status", *CSV_SETTINGS, "table_row", "sparsity_percent", *CSV_METRICS, "task_inference", "task_found",
+              "capacity_used",
               "task_seconds", "run"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
@@ -382,11 +400,12 @@ def line_style(row: str) -> dict[str, Any]:
 MIN_ACC_SPAN = 20.0  # percentage points: the least height of the ACC axis
 
 
-def plot_acc_vs_sparsity(plt, table: Table, path: Path) -> None:
+def plot_acc_vs_sparsity(plt, table: Table, path: Path, metric: str = "acc") -> None:
+    """`metric` (the final ACC, or the task-agnostic one) against sparsity, a line per table row."""
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
     columns = [c for c in table.columns() if c > 0]
     for row in table.rows():
-        points = [(column, table.cell(row, column)) for column in table.columns()]
+        points = [(column, table.cell(row, column, metric)) for column in table.columns()]
         points = [(column, cell) for column, cell in points if cell is not None]
         if row == "dense fine-tuning" and points:
             axes.axhline(points[0][1].mean, label=row, **line_style(row))
@@ -399,7 +418,8 @@ def plot_acc_vs_sparsity(plt, table: Table, path: Path) -> None:
     if high - low < MIN_ACC_SPAN:  # a one-point gap must not fill the whole height
         middle = (low + high) / 2
         axes.set_ylim(max(0.0, middle - MIN_ACC_SPAN / 2), max(0.0, middle - MIN_ACC_SPAN / 2) + MIN_ACC_SPAN)
-    axes.set(xlabel="sparsity (1 - density)", ylabel="final ACC (%)", title=benchmark_title(table))
+    ylabel = "final ACC, task id inferred (%)" if metric == "acc_agnostic" else "final ACC (%)"
+    axes.set(xlabel="sparsity (1 - density)", ylabel=ylabel, title=benchmark_title(table))
     axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     axes.grid(alpha=0.3)
     save_figure(plt, figure, path)
@@ -482,6 +502,9 @@ def write_figures(plt, root: Path, out: Path, runs: Sequence[Run], tables: Seque
         slug = benchmark_slug(table)
         paths = [figures_dir / f"{slug}_acc_vs_sparsity.png"]
         plot_acc_vs_sparsity(plt, table, paths[0])
+        if table.has("acc_agnostic"):
+            paths.append(figures_dir / f"{slug}_acc_agnostic_vs_sparsity.png")
+            plot_acc_vs_sparsity(plt, table, paths[-1], "acc_agnostic")
         if plot_capacity(plt, table, figures_dir / f"{slug}_capacity.png"):
             paths.append(figures_dir / f"{slug}_capacity.png")
         made[table.benchmark] = [path.relative_to(out) for path in paths]

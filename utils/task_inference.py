@@ -65,10 +65,15 @@ class AgnosticRow:
     backward_passes: int
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 (from bfloat16 autocast, say), or in their own wider type."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def claims(logits: torch.Tensor, method: str) -> torch.Tensor:
     """How strongly a batch's logits within one task's classes claim that task (higher wins): the
     mean largest softmax probability (confidence) or minus the mean entropy (entropy)."""
-    log_p = logits.float().log_softmax(1)
+    log_p = at_least_float32(logits).log_softmax(1)
     if method == "confidence":
         return log_p.max(1).values.exp().mean().unsqueeze(0)
     return (log_p.exp() * log_p).sum(1).mean().unsqueeze(0)  # minus the entropy
@@ -92,7 +97,7 @@ def superposition_gradient(model: nn.Module, masks: list[Masks], x: torch.Tensor
     with torch.enable_grad():
         with autocast():
             logits = torch.func.functional_call(model, superposed, (x,), strict=False)
-        log_p = logits[:, columns].float().log_softmax(1)
+        log_p = at_least_float32(logits[:, columns]).log_softmax(1)
         entropy = -(log_p.exp() * log_p).sum(1).mean()
         grads = torch.autograd.grad(entropy, [superposed[name] for name in names])
     weighted = [grad * weights[name] for grad, name in zip(grads, names)]
@@ -175,7 +180,7 @@ class TaskInference:
                 with self.autocast():
                     logits = model(x)
                 self._forward += 1
-                logits_by_batch.append(tuple(logits[:, c].float() for c in candidates))
+                logits_by_batch.append(tuple(at_least_float32(logits[:, c]) for c in candidates))
                 if own is not None:
                     correct.append((predictions(logits, own, self.mode) == y).sum())
         return logits_by_batch, torch.stack(correct) if own is not None else None

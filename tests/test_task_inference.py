@@ -1,0 +1,180 @@
+"""Task-agnostic testing (utils.task_inference): the task of a test batch is inferred, not given."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from data.split import Normalization, Split
+from data import TensorLoader
+from sparselearning import TaskMasks
+from utils.evaluation import evaluate_row
+from utils.task_inference import INFERENCE_METHODS, TaskInference, superposition_gradient
+
+METHODS = INFERENCE_METHODS[1:]
+PLAIN = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels / 255, nothing subtracted
+
+
+class ColourNet(nn.Module):
+    """Mean colour of the image -> bias-free linear layer over all classes."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+def colour_tasks(tasks: int, k: int, per_class: int, batch_size: int) -> tuple[list[slice], list[TensorLoader]]:
+    """Task t's images are one constant colour (channel t lit, brightness by class)."""
+    classes, loaders = [], []
+    for t in range(tasks):
+        labels = torch.arange(t * k, (t + 1) * k).repeat_interleave(per_class)
+        images = torch.zeros(len(labels), 3, 4, 4, dtype=torch.uint8)
+        images[:, t] = (120 + 40 * (labels % k)).view(-1, 1, 1).to(torch.uint8)
+        classes.append(slice(t * k, (t + 1) * k))
+        loaders.append(TensorLoader(Split(images, labels, PLAIN), batch_size=batch_size, train=False))
+    return classes, loaders
+
+
+def colour_networks(tasks: int, k: int) -> tuple[ColourNet, TaskMasks]:
+    """Task t's mask is its own classes' rows; its classes respond to colour t only, class c of the
+    task the more the brighter (so that it predicts its classes partly right)."""
+    model, store = ColourNet(tasks * k), TaskMasks()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        for t in range(tasks):
+            for c in range(k):
+                model.fc.weight[t * k + c, t] = 4.0 + 3.0 * c
+                model.fc.weight[t * k + c, (t + 1) % 3] = -1.0  # also used: not only zeros outside
+            mask = torch.zeros(tasks * k, 3, dtype=torch.bool)
+            mask[t * k:(t + 1) * k] = True
+            store.add({"fc.weight": mask})
+    return model, store
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_batch_of_recognisable_tasks_is_assigned_to_its_task(method):
+    tasks, k = 3, 2
+    classes, loaders = colour_tasks(tasks, k, per_class=8, batch_size=4)
+    model, store = colour_networks(tasks, k)
+    inference = TaskInference(method, "task")
+    for i in range(tasks):
+        row = inference.row(model, store, classes, loaders, i)
+        aware = evaluate_row(model, store, classes, loaders, i, mode="task")
+        assert row.task_id_accuracy == 100.0
+        assert np.array_equal(row.accuracy[: i + 1], aware[: i + 1])  # found tasks: predicted as if given
+        assert np.all(np.isnan(row.accuracy[i + 1:]))
+        assert 0 < row.accuracy[0] < 100  # the networks are partly right within their task
+
+
+def tiny_batchnorm_net(classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes, bias=False))
+
+
+def random_masks(model: nn.Module, tasks: int, density: float = 0.5, seed: int = 0) -> TaskMasks:
+    generator, store = torch.Generator().manual_seed(seed), TaskMasks()
+    for _ in range(tasks):
+        store.add({name: torch.rand(p.shape, generator=generator) < density
+                   for name, p in model.named_parameters() if p.dim() > 1})
+    return store
+
+
+def random_loaders(tasks: int, k: int, n: int = 20, batch_size: int = 8) -> tuple[list[slice], list[TensorLoader]]:
+    generator = torch.Generator().manual_seed(1)
+    classes, loaders = [], []
+    for t in range(tasks):
+        images = torch.randint(0, 256, (n, 3, 6, 6), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(t * k, (t + 1) * k, (n,), generator=generator)
+        classes.append(slice(t * k, (t + 1) * k))
+        loaders.append(TensorLoader(Split(images, labels, PLAIN), batch_size=batch_size, train=False))
+    return classes, loaders
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["task", "all_logits"])
+def test_with_one_task_the_task_agnostic_accuracy_is_the_task_aware_one(method, mode):
+    model = tiny_batchnorm_net(3)
+    store = random_masks(model, 1)
+    classes, loaders = random_loaders(1, 3)
+    row = TaskInference(method, mode).row(model, store, classes, loaders, 0)
+    assert row.task_id_accuracy == 100.0
+    assert row.accuracy[0] == evaluate_row(model, store, classes, loaders, 0, mode=mode)[0]
+
+
+def entropy_at(model: nn.Module, masks: list[dict], coefficients: torch.Tensor, x: torch.Tensor, columns: int) -> float:
+    """H(a): the mean entropy over the first `columns` classes of W * sum_t a_t M_t (brute force)."""
+    params = dict(model.named_parameters())
+    weights = {name: params[name].detach() * sum(a * m[name] for a, m in zip(coefficients, masks)) for name in masks[0]}
+    with torch.no_grad():
+        log_p = torch.func.functional_call(model, weights, (x,))[:, :columns].log_softmax(1)
+    return float(-(log_p.exp() * log_p).sum(1).mean())
+
+
+def test_the_one_shot_rule_picks_what_brute_force_over_the_coefficients_picks():
+    model = tiny_batchnorm_net(8).double()
+    tasks, step = 4, 1e-6
+    store = random_masks(model, tasks, density=0.6, seed=3)
+    masks = [store[t] for t in range(tasks)]
+    classes = [slice(2 * t, 2 * t + 2) for t in range(tasks)]
+    uniform = torch.full((tasks,), 1.0 / tasks, dtype=torch.float64)
+    for seed in range(6):
+        x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        before = [p.detach().clone() for p in model.parameters()]
+        gradient = superposition_gradient(model, masks, x, classes)
+        # central differences of H in each coefficient: the gradient the rule ranks tasks by
+        brute = torch.tensor([(entropy_at(model, masks, uniform + step * e, x, 8)
+                               - entropy_at(model, masks, uniform - step * e, x, 8)) / (2 * step)
+                              for e in torch.eye(tasks, dtype=torch.float64)], dtype=torch.float64)
+        assert torch.allclose(gradient, brute, rtol=1e-5, atol=1e-9), (gradient, brute)
+        # brute force: the task whose coefficient, raised a little, lowers the entropy the most
+        lowest = min(range(tasks), key=lambda t: entropy_at(model, masks, uniform + 1e-4 * torch.eye(tasks)[t], x, 8))
+        assert int(gradient.argmin()) == lowest
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_unchanged_networks_are_not_run_again_and_changed_ones_are():
+    """Row i runs task i's network on tasks 0..i and tasks 0..i-1's networks on task i: 2i + 1 test
+    sets (confidence and entropy share them); a network whose weights changed runs again."""
+    model = tiny_batchnorm_net(6)
+    store = random_masks(model, 3)
+    classes, loaders = random_loaders(3, 2, n=20, batch_size=8)  # 3 batches per test set (8, 8, 4)
+    confidence = TaskInference("confidence", "task")
+    entropy = TaskInference("entropy", "task", tested=confidence.tested)
+    assert [confidence.row(model, store, classes, loaders, i).forward_passes for i in range(3)] == [3, 9, 15]
+    assert entropy.row(model, store, classes, loaders, 2).forward_passes == 0
+    only_first = store[0]["5.weight"] & ~store[1]["5.weight"] & ~store[2]["5.weight"]
+    with torch.no_grad():
+        model[-1].weight[only_first] += 1.0  # task 1's network changes, the others do not
+    assert confidence.row(model, store, classes, loaders, 2).forward_passes == 9  # its 3 test sets
+    oneshot = TaskInference("oneshot", "task", tested=confidence.tested)
+    row = oneshot.row(model, store, classes, loaders, 2)
+    assert (row.forward_passes, row.backward_passes) == (9, 9)  # one of each per batch; own networks kept
+
+
+def test_dense_networks_serve_every_candidate_with_one_pass_and_oneshot_needs_masks():
+    model = tiny_batchnorm_net(6)
+    classes, loaders = random_loaders(3, 2)
+    row = TaskInference("entropy", "task").row(model, TaskMasks(), classes, loaders, 2)
+    assert row.forward_passes == 9 and 0 <= row.task_id_accuracy <= 100
+    with pytest.raises(ValueError, match="mask per task"):
+        TaskInference("oneshot", "task").row(model, TaskMasks(), classes, loaders, 2)
+    with pytest.raises(ValueError, match="one of"):
+        TaskInference("none", "task")
+
+
+def test_a_batch_of_the_wrong_task_counts_all_its_images_wrong():
+    """Networks that claim every batch for task 1: task 0's images all count as wrong."""
+    tasks, k = 2, 2
+    classes, loaders = colour_tasks(tasks, k, per_class=4, batch_size=4)
+    model, store = colour_networks(tasks, k)
+    with torch.no_grad():
+        model.fc.weight[2:, :] = torch.tensor([[30.0, 30.0, 0.0], [0.0, 0.0, 0.0]])  # task 1: sure of all
+    row = TaskInference("confidence", "task").row(model, store, classes, loaders, 1)
+    aware = evaluate_row(model, store, classes, loaders, 1, mode="task")
+    assert row.accuracy[0] == 0.0 and aware[0] > 0
+    assert row.accuracy[1] == aware[1] and row.task_id_accuracy == 50.0
