@@ -1,5 +1,8 @@
 """Task-agnostic testing (utils.task_inference): the task of a test batch is inferred, not given."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,8 @@ import torch.nn as nn
 from data.split import Normalization, Split
 from data import TensorLoader
 from sparselearning import TaskMasks
+from utils import retest, run_dir
+from utils.entry import main
 from utils.evaluation import evaluate_row
 from utils.task_inference import INFERENCE_METHODS, TaskInference, superposition_gradient
 
@@ -178,3 +183,62 @@ def test_a_batch_of_the_wrong_task_counts_all_its_images_wrong():
     aware = evaluate_row(model, store, classes, loaders, 1, mode="task")
     assert row.accuracy[0] == 0.0 and aware[0] > 0
     assert row.accuracy[1] == aware[1] and row.task_id_accuracy == 50.0
+
+
+# ---- in runs -------------------------------------------------------------------------------------
+
+TINY = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "1",
+        "--max_batches", "3", "--update_frequency", "2", "--test_batch_size", "16"]
+
+
+def run(data_dir: Path, out: Path, *flags: str) -> dict:
+    argv = ["--data_dir", str(data_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *TINY, *flags]
+    assert main("cifar100", argv) == 0
+    return json.loads((out / run_dir.RESULTS_FILE).read_text())
+
+
+def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes(cifar_dir, tmp_path):
+    plain = run(cifar_dir, tmp_path / "none", "--task_inference", "none")
+    assert plain["acc_matrix_agnostic"] is None and plain["task_inference"] == {"method": "none"}
+    weights = run_dir.load_checkpoint(tmp_path / "none" / run_dir.CHECKPOINT_FILE)["model"]
+    for method in ("oneshot", "confidence"):
+        results = run(cifar_dir, tmp_path / method, "--task_inference", method)
+        assert results["acc_matrix"] == plain["acc_matrix"]  # bit for bit (JSON keeps every float digit)
+        after = run_dir.load_checkpoint(tmp_path / method / run_dir.CHECKPOINT_FILE)["model"]
+        assert all(torch.equal(weights[name], after[name]) for name in weights)
+        agnostic = np.array(results["acc_matrix_agnostic"], dtype=float)
+        assert agnostic[0, 0] == results["acc_matrix"][0][0]  # one candidate: the task-aware figure
+        assert np.all(np.isnan(agnostic[np.triu_indices(3, 1)])) and np.all(np.isfinite(agnostic[np.tril_indices(3)]))
+        assert results["acc_agnostic"] == pytest.approx(agnostic[-1].mean())
+        assert len(results["task_id_accuracy"]) == 3 and results["task_id_accuracy"][0] == 100.0
+        cost = results["task_inference"]
+        assert cost["method"] == method and cost["test_batch_size"] == 16 and cost["seconds"] > 0
+        assert (cost["backward_passes"] > 0) == (method == "oneshot")
+        assert "TASK-AGNOSTIC ACCURACY MATRIX" in (tmp_path / method / run_dir.REPORT_FILE).read_text()
+
+
+def test_retest_measures_again_exactly_what_the_run_measured(cifar_dir, tmp_path, capsys):
+    results = run(cifar_dir, tmp_path / "run", "--task_inference", "entropy")
+    out = tmp_path / "retest.json"
+    assert retest.main([str(tmp_path / "run"), "--methods", "entropy", "oneshot", "--test_batch_sizes", "16", "8",
+                        "--out", str(out)]) == 0
+    found = {(r["method"], r["test_batch_size"]): r for r in json.loads(out.read_text())["results"]}
+    same = found[("entropy", 16)]
+    assert same["acc_matrix_agnostic"] == [row[:3] for row in results["acc_matrix_agnostic"]]
+    assert same["acc_final_row"] == results["acc_matrix"][-1] and same["acc"] == pytest.approx(results["acc"])
+    assert found[("oneshot", 8)]["backward_passes"] > 0
+    assert "| entropy | 16 |" in capsys.readouterr().out
+
+
+def test_retest_refuses_what_it_cannot_measure_exactly(cifar_dir, tmp_path, capsys):
+    assert retest.main([str(tmp_path)]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    run(cifar_dir, tmp_path / "noiso", "--no-isolate", "--task_inference", "none", "--num_tasks", "1",
+        "--num_classes", "2")
+    assert retest.main([str(tmp_path / "noiso")]) == 2
+    assert "isolated sparse run" in capsys.readouterr().err
+
+
+def test_oneshot_needs_masks(capsys):
+    assert main("cifar100", ["--no-sparse", "--task_inference", "oneshot", "--device", "cpu"]) == 2
+    assert "needs --sparse" in capsys.readouterr().err
