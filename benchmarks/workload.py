@@ -159,5 +159,5 @@ def benchmark_config(data_dir: Path, device: str, max_batches: int | None) -> Co
 def load_workload(data_dir: Path, device: str, repeats: Repeats) -> Workload:
     """Read the data set through the training loop's own `build_tasks` (reader and task split)."""
     config = benchmark_config(data_dir, device, repeats.max_batches)
-    accel = Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
+    accel = Acceleration.for_config(config)
     return Workload(config, accel, build_tasks(config), repeats)
