@@ -84,7 +84,7 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
     print(format_table(rows, quick=args.quick, targets=targets))
     print(f"\ntotal {total:.1f} s; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     return {**figures, "targets": {key: target.to_dict() for key, target in targets.items()},
-            "target_kind": work.device.type if work.device.type == "cuda" else "cpu",
+            "target_kind": "cuda" if work.device.type == "cuda" else "cpu",
             "passed": verdicts(rows, quick=args.quick, targets=targets), "machine": machine, "data_source": source, "quick": args.quick,
             "total_seconds": total, "load_average": {"before": load_before, "after": os.getloadavg()[0]}}
 

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 
 from benchmarks.report import Result, Row
 from benchmarks.timing import timed
 from benchmarks.workload import BATCH, DENSITY, SPARSE_INIT, Workload
+from data import TensorLoader
 from data.loader import batch_bounds
 from utils import experiment
 from utils.cli import Config, parse_config
@@ -59,7 +59,9 @@ def bare_images_per_second(work: Workload) -> float:
     """Images per second of bare dense training steps over the first task's images on the device."""
     model = work.model(work.config.seed)
     optimizer = work.optimizer(model)
-    batches = [(x, y) for x, y in work.loader(work.tasks[0].train, train=False)][:work.repeats.run_max_batches]
+    loader = TensorLoader(work.tasks[0].train, batch_size=work.config.batch_size, train=False, device=work.device,
+                          channels_last=work.accel.channels_last)  # normalized once, no augmentation
+    batches = list(loader)[:work.repeats.run_max_batches]
     images = sum(len(y) for _, y in batches)
 
     def one_pass() -> None:
