@@ -45,7 +45,8 @@ class Repeats:
     sync_batches: int = 10  # syncs per step: epochs of N and 2N batches
     run_tasks: int = 10  # the whole run: the paper's 10 tasks of 10 classes ...
     run_epochs: int = 2  # ... with this many epochs a task ...
-    run_max_batches: int | None = None  # ... of at most this many batches (None: all)
+    run_max_batches: int | None = None  # ... of at most this many batches (None: all) ...
+    run_small_data: bool = False  # ... on a small random stand-in (20 + 10 images a class) instead
     bare_rounds: int = 3  # rounds of bare dense steps the whole run is compared with
     concurrent_runs: tuple[int, ...] = (1, 2, 4, 8)  # K concurrent training processes on one device
     concurrent_steps: int = 200  # steps each process times, after its warm-up steps
@@ -55,7 +56,7 @@ class Repeats:
 DEFAULT = Repeats()
 QUICK = Repeats(step_rounds=2, step_other_settings=False, topology_rounds=1, data_epochs=1, epoch_rounds=1,
                 eval_rounds=1, eval_tasks=3, eval_images_per_task=128, max_batches=3, rss_tasks=3, sync_batches=2,
-                run_tasks=2, run_epochs=1, run_max_batches=3, bare_rounds=1, concurrent_runs=(1, 2),
+                run_tasks=2, run_epochs=1, run_max_batches=3, run_small_data=True, bare_rounds=1, concurrent_runs=(1, 2),
                 concurrent_steps=6, concurrent_batch=8)
 # On a CPU, K processes share its few cores: K = 1, 2 and tiny sizes show the mechanism, no more.
 CPU_CONCURRENCY = {"concurrent_runs": (1, 2), "concurrent_steps": 6, "concurrent_batch": 8}
