@@ -12,8 +12,15 @@ One module per family:
 - loop: a real train_task epoch vs bare dense steps (`epoch_overhead`) and a real accuracy row
   vs the bare forward pass (`eval_overhead`);
 - memory: bytes per task in the checkpoint (`mask_bytes_per_task`) and resident memory per
-  task of the mask store (`rss_growth_per_task_mb`).
+  task of the mask store (`rss_growth_per_task_mb`);
+- checkpoint: one save of the task in progress and its share of wall time (`checkpoint_overhead`);
+- syncs: host-device synchronisations per training step and per topology update (CUDA only);
+- run: the paper's 10-task command through `utils.experiment.run` (2 epochs a task), training
+  images/s vs bare dense steps (`run_overhead`);
+- concurrent: aggregate images/s of K concurrent training processes on one device, and the K
+  to recommend (`concurrent_recommended_k`; a `benchmarks.worker` per process).
 
 Every comparison alternates ours and the baseline and takes medians (`timing`), so a busy
-machine slows both alike. Targets are for a 2-core CPU; `--quick` is a smoke test only.
+machine slows both alike. Targets depend on the device (`report.targets_for`): a 2-core CPU's,
+or CUDA's (looser step and epoch ratios, zero syncs a step); `--quick` is a smoke test only.
 """

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import checkpoint, data_pipeline, loop, memory, step, topology
-from benchmarks.report import TARGETS, Result, format_table, verdicts
+from benchmarks import checkpoint, concurrent, data_pipeline, loop, memory, step, syncs, topology, whole_run
+from benchmarks.report import Result, format_table, targets_for, verdicts
 from benchmarks.workload import DEFAULT, QUICK, SHARED_DATA, has_cifar100, load_workload, write_standin_cifar100
 from data import DataError
 from utils.environment import environment
@@ -31,6 +31,9 @@ FAMILIES: dict[str, Callable[..., Result]] = {
     "eval": loop.run_eval,
     "memory": memory.run,
     "checkpoint": checkpoint.run,
+    "syncs": syncs.run,
+    "run": whole_run.run,
+    "concurrent": concurrent.run,
 }
 
 
@@ -76,11 +79,13 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
         figures.update(result.figures)
         print(f"[{i}/{len(args.only)}] {name}: {time.perf_counter() - began:.1f} s", flush=True)
     total = time.perf_counter() - start
+    targets = targets_for(work.device)
     print()
-    print(format_table(rows, quick=args.quick))
+    print(format_table(rows, quick=args.quick, targets=targets))
     print(f"\ntotal {total:.1f} s; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    return {**figures, "targets": {key: target.to_dict() for key, target in TARGETS.items()},
-            "passed": verdicts(rows, quick=args.quick), "machine": machine, "data_source": source, "quick": args.quick,
+    return {**figures, "targets": {key: target.to_dict() for key, target in targets.items()},
+            "target_kind": "cuda" if work.device.type == "cuda" else "cpu",
+            "passed": verdicts(rows, quick=args.quick, targets=targets), "machine": machine, "data_source": source, "quick": args.quick,
             "total_seconds": total, "load_average": {"before": load_before, "after": os.getloadavg()[0]}}
 
 

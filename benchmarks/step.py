@@ -6,19 +6,24 @@ The headline (`step_overhead`) is a later task: the first task's mask is frozen,
 path that puts frozen weights back after the step) and torch's default unfused Adam. Dense and
 masked steps alternate, each on its own copy of the model, on one fixed batch; no topology
 update happens here (see `topology`). After each step the optimizer step alone is timed again
-on the gradients it just used, to show where a difference comes from.
+on the gradients it just used, to show where a difference comes from. On CUDA the headline is
+measured again for each layout setting (`layouts`: channels_last input batches on/off x
+cudnn.benchmark on/off), the figures that decide the defaults of those two flags.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from benchmarks.report import Result, Row
+from benchmarks.report import NOT_ON_CPU, Result, Row
 from benchmarks.timing import alternating_medians
 from benchmarks.workload import Workload
 
@@ -78,6 +83,39 @@ def run(work: Workload) -> Result:
                                f"{times['dense_ms']:.1f} ms", ratio,
                                key="step_overhead" if setting is HEADLINE else None, checked=ratio))
     headline = by_setting[HEADLINE.label]
+    layout_rows, by_layout = layouts(work, first)
+    result.rows += layout_rows
     result.figures = {"step_overhead": headline["ratio"], "step_dense_ms": headline["dense_ms"],
-                      "step_masked_ms": headline["masked_ms"], "step_by_setting": by_setting}
+                      "step_masked_ms": headline["masked_ms"], "step_by_setting": by_setting,
+                      "step_by_layout": by_layout}
     return result
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    """`torch.backends.cudnn.benchmark` set to `on` inside, restored after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def layouts(work: Workload, first: tuple[nn.Module, dict[str, torch.Tensor]]) -> tuple[list[Row], dict | None]:
+    """The headline step (dense and masked) with input batches channels_last or not, and cuDNN
+    autotuning (`cudnn.benchmark`) on or off: the figures that decide the CUDA defaults of
+    `--channels_last` and `--cudnn_benchmark`. CUDA only (None and an "n/a (cpu)" row elsewhere)."""
+    if work.device.type != "cuda":
+        return [Row("step by layout (channels_last, cudnn.benchmark)", NOT_ON_CPU)], None
+    rows, figures = [], {}
+    for channels_last, autotune in itertools.product((True, False), (False, True)):
+        accel = dataclasses.replace(work.accel, channels_last=channels_last, cudnn_benchmark=autotune)
+        label = f"channels_last {'on' if channels_last else 'off'}, cudnn.benchmark {'on' if autotune else 'off'}"
+        with cudnn_benchmark(autotune):
+            times = step_times(dataclasses.replace(work, accel=accel), HEADLINE, work.repeats.step_rounds, first)
+        ratio = times["masked_ms"] / times["dense_ms"]
+        figures[label] = {**times, "ratio": ratio, "channels_last": channels_last, "cudnn_benchmark": autotune}
+        rows.append(Row(f"step, {label} (masked vs dense)", f"{times['masked_ms']:.1f} ms",
+                        f"{times['dense_ms']:.1f} ms", ratio))
+    return rows, figures

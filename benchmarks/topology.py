@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -44,9 +45,10 @@ def sort_based_update(masking: Masking) -> None:
             mask[torch.sort(scores, descending=True).indices[:k]] = True
 
 
-def update_seconds(work: Workload, growth: str, first: tuple[nn.Module, dict[str, torch.Tensor]]) -> float:
-    """Median seconds of one topology update of a later task just begun after `first` (a
-    model and the mask to freeze), by `growth` or by the sort-based baseline."""
+def prepared_update(work: Workload, growth: str,
+                    first: tuple[nn.Module, dict[str, torch.Tensor]]) -> Callable[[], None]:
+    """One topology update of a later task just begun after `first` (a model and the mask to
+    freeze), by `growth` or by the sort-based baseline, ready to call."""
     model, frozen = copy.deepcopy(first[0]), first[1]
     optimizer = work.optimizer(model)
     masking = work.masking(model, optimizer, growth=growth if growth in GROWTH_MODES else "gradient",
@@ -55,7 +57,12 @@ def update_seconds(work: Workload, growth: str, first: tuple[nn.Module, dict[str
     work.training_step(model, optimizer, batch, masking)()  # Adam state, which an update must zero too
     optimizer.zero_grad(set_to_none=True)  # the dense gradient of a batch, as step() hands it to an update
     F.cross_entropy(model(batch[0]), batch[1]).backward()
-    update = masking.update_topology if growth in GROWTH_MODES else (lambda: sort_based_update(masking))
+    return masking.update_topology if growth in GROWTH_MODES else (lambda: sort_based_update(masking))
+
+
+def update_seconds(work: Workload, growth: str, first: tuple[nn.Module, dict[str, torch.Tensor]]) -> float:
+    """Median seconds of one `prepared_update`."""
+    update = prepared_update(work, growth, first)
     return alternating_medians([update], work.device, repeats=work.repeats.topology_rounds, warmup=0)[0]
 
 

@@ -42,11 +42,24 @@ class Repeats:
     eval_images_per_task: int | None = None  # None: the whole test split
     max_batches: int | None = None  # None: the whole training epoch
     rss_tasks: int = 20
+    sync_batches: int = 10  # syncs per step: epochs of N and 2N batches
+    run_tasks: int = 10  # the whole run: the paper's 10 tasks of 10 classes ...
+    run_epochs: int = 2  # ... with this many epochs a task ...
+    run_max_batches: int | None = None  # ... of at most this many batches (None: all) ...
+    run_small_data: bool = False  # ... on a small random stand-in (20 + 10 images a class) instead
+    bare_rounds: int = 3  # rounds of bare dense steps the whole run is compared with
+    concurrent_runs: tuple[int, ...] = (1, 2, 4, 8)  # K concurrent training processes on one device
+    concurrent_steps: int = 200  # steps each process times, after its warm-up steps
+    concurrent_batch: int = BATCH
 
 
 DEFAULT = Repeats()
 QUICK = Repeats(step_rounds=2, step_other_settings=False, topology_rounds=1, data_epochs=1, epoch_rounds=1,
-                eval_rounds=1, eval_tasks=3, eval_images_per_task=128, max_batches=3, rss_tasks=3)
+                eval_rounds=1, eval_tasks=3, eval_images_per_task=128, max_batches=3, rss_tasks=3, sync_batches=2,
+                run_tasks=2, run_epochs=1, run_max_batches=3, run_small_data=True, bare_rounds=1, concurrent_runs=(1, 2),
+                concurrent_steps=6, concurrent_batch=8)
+# On a CPU, K processes share its few cores: K = 1, 2 and tiny sizes show the mechanism, no more.
+CPU_CONCURRENCY = {"concurrent_runs": (1, 2), "concurrent_steps": 6, "concurrent_batch": 8}
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,8 @@ def benchmark_config(data_dir: Path, device: str, max_batches: int | None) -> Co
 
 def load_workload(data_dir: Path, device: str, repeats: Repeats) -> Workload:
     """Read the data set through the training loop's own `build_tasks` (reader and task split)."""
+    if torch.device(device).type == "cpu":
+        repeats = dataclasses.replace(repeats, **CPU_CONCURRENCY)
     config = benchmark_config(data_dir, device, repeats.max_batches)
-    accel = Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
+    accel = Acceleration.for_config(config)
     return Workload(config, accel, build_tasks(config), repeats)

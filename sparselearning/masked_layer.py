@@ -22,6 +22,12 @@ from sparselearning.selection import random_free_indices, top_indices
 LAYER_STATE_KEYS = ("masks", "active", "fired", "frozen", "stored")
 
 
+def float_grad_mask(device: torch.device) -> bool:
+    """Whether `MaskedLayer.grad_mask` is a float copy (CUDA: one fused multiply for all layers)
+    or the uint8 view of `trainable` (elsewhere, where torch loops over the layers anyway)."""
+    return device.type == "cuda"
+
+
 class MaskedLayer:
     """One maskable weight of one task, with all its task-local state.
 
@@ -30,6 +36,11 @@ class MaskedLayer:
         count: how many entries the mask holds; fixed for the task.
         mask, frozen, fired, trainable: bool tensors of the weight's shape; trainable is
             mask & ~frozen, and `trainable_uint8` is the same memory viewed as uint8.
+        grad_mask: trainable as the multiplier of the gradient in `Masking.step`: on CUDA a
+            copy in the weight's dtype (4 bytes a weight for float32), so that one
+            `torch._foreach_mul_` over all layers takes the fused same-dtype path; elsewhere
+            `trainable_uint8` itself (no memory). x * 1.0 == x * 1 and x * 0.0 == x * 0 (the
+            same signed zero, NaN stays NaN), so both give bit-identical gradients.
         stored: earlier tasks' values where frozen, else 0.
         active: flat indices of the mask's entries, in the order updates leave them (it
             decides which of equal magnitudes are pruned, so checkpoints keep it).
@@ -42,7 +53,7 @@ class MaskedLayer:
     """
 
     __slots__ = ("param", "count", "frozen", "stored", "track_reused", "mask", "fired", "trainable",
-                 "trainable_uint8", "active", "fired_count", "reused", "momentum", "dense_grad")
+                 "trainable_uint8", "grad_mask", "active", "fired_count", "reused", "momentum", "dense_grad")
 
     def __init__(self, param: nn.Parameter, count: int, frozen: torch.Tensor | None, track_reused: bool) -> None:
         self.param = param
@@ -74,6 +85,8 @@ class MaskedLayer:
         """Recompute the derived tensors from mask, frozen and fired, and enforce them."""
         self.trainable = self.mask & ~self.frozen
         self.trainable_uint8 = self.trainable.view(torch.uint8)  # uint8 multiplies twice as fast as bool
+        self.grad_mask = (self.trainable.to(self.param.dtype) if float_grad_mask(self.param.device)
+                          else self.trainable_uint8)
         self.active = self.mask.view(-1).nonzero_static(size=self.count).squeeze(1)
         self.fired_count = int(self.fired.sum())
         self._update_reused()
@@ -169,6 +182,8 @@ class MaskedLayer:
             value.view(-1).index_fill_(0, pruned, 0.0)  # grown entries' state is zero already
         grown_frozen = self.frozen.view(-1).index_select(0, grown)
         trainable.index_copy_(0, grown, ~grown_frozen)
+        if self.grad_mask is not self.trainable_uint8:  # a separate copy: the same two changes
+            self.grad_mask.view(-1).index_fill_(0, pruned, 0).index_copy_(0, grown, (~grown_frozen).to(p.dtype))
         p.index_copy_(0, grown, torch.where(grown_frozen, self.stored.view(-1).index_select(0, grown), 0.0))
         self._update_reused()
 

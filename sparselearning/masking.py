@@ -236,8 +236,8 @@ class Masking:
         if due and self.growth == "gradient":
             for layer in layers:
                 layer.dense_grad = layer.param.grad.abs()
-        for layer in layers:
-            layer.param.grad.mul_(layer.trainable_uint8)
+        if layers:  # one fused multiply over all layers on CUDA (see MaskedLayer.grad_mask)
+            torch._foreach_mul_([layer.param.grad for layer in layers], [layer.grad_mask for layer in layers])
         self.optimizer.step()
         if self._decays_weights:
             for layer in self.layers.values():

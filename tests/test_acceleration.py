@@ -17,7 +17,7 @@ from utils.errors import UserError
 
 
 def for_config(config) -> Acceleration:
-    return Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
+    return Acceleration.for_config(config)
 
 
 def test_on_the_cpu_everything_is_off_and_amp_is_a_noop_with_a_notice(caplog):
@@ -33,9 +33,46 @@ def test_on_cuda_batches_are_channels_last_and_amp_and_compile_are_opt_in(monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr("utils.cli._check_compile", lambda device: None)
     plain = for_config(parse_config(["--device", "cuda"], "cifar100"))
-    assert (plain.amp, plain.channels_last, plain.compile) == (False, True, False)
-    fast = for_config(parse_config(["--device", "cuda", "--amp", "--compile"], "cifar100"))
-    assert (fast.amp, fast.channels_last, fast.compile) == (True, True, True)
+    assert (plain.amp, plain.channels_last, plain.compile, plain.cudnn_benchmark) == (False, True, False, False)
+    fast = for_config(parse_config(["--device", "cuda", "--amp", "--compile", "--cudnn_benchmark"], "cifar100"))
+    assert (fast.amp, fast.channels_last, fast.compile, fast.cudnn_benchmark) == (True, True, True, True)
+    contiguous = for_config(parse_config(["--device", "cuda", "--no-channels_last"], "cifar100"))
+    assert contiguous.channels_last is False
+
+
+def test_layout_and_autotuning_flags_parse_and_resolve_per_device(caplog):
+    default = parse_config(["--device", "cpu"], "cifar100")
+    assert (default.channels_last, default.cudnn_benchmark) == (None, False)  # None: the device decides
+    assert parse_config(["--device", "cpu", "--channels_last"], "cifar100").channels_last is True
+    assert parse_config(["--device", "cpu", "--no-channels_last"], "cifar100").channels_last is False
+    assert for_config(parse_config(["--device", "cpu", "--channels_last"], "cifar100")).channels_last is True
+    with caplog.at_level(logging.WARNING):
+        accel = for_config(parse_config(["--device", "cpu", "--cudnn_benchmark"], "cifar100"))
+    assert accel.cudnn_benchmark is False and "--cudnn_benchmark" in caplog.text and "ignored on cpu" in caplog.text
+    for argv in (["--cudnn_benchmark", "yes"], ["--channels_last=1"], ["--no-cudnn_benchmark", "--channels"]):
+        with pytest.raises(UserError):
+            parse_config(["--device", "cpu", *argv], "cifar100")
+
+
+def test_neither_layout_nor_autotuning_counts_as_result_neutral():
+    from utils.cli import RESULT_NEUTRAL_SETTINGS, RESUME_MAY_CHANGE
+
+    for flag in ("channels_last", "cudnn_benchmark"):
+        assert flag not in RESULT_NEUTRAL_SETTINGS and flag not in RESUME_MAY_CHANGE
+
+
+def test_prepare_sets_cudnn_autotuning_on_cuda_only():
+    before = torch.backends.cudnn.benchmark
+    try:
+        for on in (True, False):
+            Acceleration(torch.device("cuda"), amp=False, channels_last=True, compile=False,
+                         cudnn_benchmark=on).prepare(torch.nn.Identity())
+            assert torch.backends.cudnn.benchmark is on
+        torch.backends.cudnn.benchmark = True
+        Acceleration.for_device("cpu", cudnn_benchmark=True).prepare(torch.nn.Identity())
+        assert torch.backends.cudnn.benchmark is True  # untouched by a CPU run
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_compile_is_refused_where_torch_compile_cannot_work(monkeypatch):

@@ -74,3 +74,74 @@ def test_full_size_runs_say_pass_or_fail():
             Row("epoch", "2 s", "1 s", 2.0, key="epoch_overhead", checked=2.0)]
     assert [line.split()[-1] for line in format_table(rows).splitlines()[2:]] == ["pass", "FAIL"]
     assert verdicts(rows) == {"step_overhead": True, "epoch_overhead": False}
+
+
+def test_gpu_only_figures_are_null_on_the_cpu_and_the_new_families_report(quick_run):
+    stdout, figures = quick_run
+    assert figures["target_kind"] == "cpu"
+    for key in ("syncs_per_step", "syncs_per_topology_update", "step_by_layout"):
+        assert figures[key] is None, key  # n/a, not 0
+    assert stdout.count(" n/a (cpu)") >= 3
+    assert figures["run_tasks"] == 2 and figures["run_epochs"] == 1
+    for key in ("run_overhead", "run_images_per_s", "run_bare_images_per_s", "run_train_seconds"):
+        assert is_number(figures[key]) and figures[key] > 0, key
+    assert figures["run_train_images"] == 2 * 3 * 64  # 2 tasks, 1 epoch of 3 batches of 64
+    rates = figures["concurrent_images_per_s"]
+    assert set(rates) == {"1", "2"} and all(is_number(r) and r > 0 for r in rates.values())
+    assert figures["concurrent_recommended_k"] in (1, 2)
+
+
+def test_sync_counting_counts_the_sync_warnings_and_restores_the_mode(monkeypatch):
+    import warnings
+
+    import torch
+
+    from benchmarks.syncs import SYNC_WARNING, count_sync_warnings, syncs_during
+
+    def fake_step():
+        warnings.warn(SYNC_WARNING)
+        warnings.warn(SYNC_WARNING)  # the same place twice: both count
+        warnings.warn("something else")
+
+    assert count_sync_warnings(fake_step) == 2
+    assert syncs_during(lambda: pytest.fail("not called on a CPU"), torch.device("cpu")) is None
+    modes = [2]  # "error", as get_sync_debug_mode reports it
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+    seen = []
+    assert syncs_during(lambda: (seen.append(modes[-1]), fake_step()), torch.device("cuda")) == 2
+    assert seen == ["warn"] and modes[-1] == 2  # restored to the mode before
+    with pytest.raises(RuntimeError):
+        syncs_during(lambda: (_ for _ in ()).throw(RuntimeError("boom")), torch.device("cuda"))
+    assert modes[-1] == 2
+
+
+def test_concurrent_runs_are_measured_over_the_common_window():
+    from benchmarks.concurrent import recommended, steady_rate
+
+    # two runs at 100 images/s, the second starting 1 s later; samples every second
+    first = [(float(t), 100 * t) for t in range(0, 11)]
+    second = [(float(t), 100 * (t - 1)) for t in range(1, 12)]
+    rate, window = steady_rate([first, second])
+    assert window == pytest.approx(8.0) and rate == pytest.approx(200.0)  # from 2 s (2nd's 1st sample) to 10 s
+    with pytest.raises(RuntimeError, match="did not overlap"):
+        steady_rate([first, [(20.0, 0), (21.0, 100), (22.0, 200)]])
+    assert recommended({1: 100.0, 2: 180.0, 4: 190.0, 8: 195.0}) == 4  # 190 >= 0.95 x 195
+    assert recommended({1: 100.0, 2: 90.0}) == 1
+
+
+def test_cuda_targets_differ_only_where_the_brief_sets_them():
+    import torch
+
+    from benchmarks.report import CUDA_TARGETS, TARGETS, Row, format_table, targets_for
+
+    assert targets_for(torch.device("cpu")) is TARGETS and targets_for(torch.device("cuda", 0)) is CUDA_TARGETS
+    assert {k for k in CUDA_TARGETS if CUDA_TARGETS[k] != TARGETS.get(k)} == {
+        "step_overhead", "epoch_overhead", "run_overhead", "syncs_per_step"}
+    rows = [Row("step", "1 ms", "1 ms", 1.05, key="step_overhead", checked=1.05),
+            Row("syncs", "1", key="syncs_per_step", checked=1.0),
+            Row("run", "1/s", "1/s", 1.2, key="run_overhead", checked=1.2)]
+    assert [line.split()[-1] for line in format_table(rows, targets=CUDA_TARGETS).splitlines()[2:]] == [
+        "pass", "FAIL", "FAIL"]
+    assert format_table(rows).splitlines()[2].split()[-1] == "FAIL"  # the CPU's 1.03
+    assert format_table(rows).splitlines()[4].rstrip().endswith("-")  # informative on a CPU

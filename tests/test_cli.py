@@ -54,6 +54,8 @@ DEFAULTS: dict[str, object] = {
     "max_batches": None,
     "amp": False,
     "compile": False,
+    "channels_last": None,
+    "cudnn_benchmark": False,
 }
 
 FIELDS = [field.name for field in dataclasses.fields(Config)]

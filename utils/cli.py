@@ -122,6 +122,8 @@ class Config:
     max_batches: int | None
     amp: bool
     compile: bool
+    channels_last: bool | None
+    cudnn_benchmark: bool
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (paths become strings), in field order."""
@@ -229,8 +231,9 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     _add_sparse_flags(parser.add_argument_group("dynamic sparse training"))
     _add_run_flags(parser.add_argument_group("run"), benchmark)
     _add_speed_flags(parser.add_argument_group(
-        "speed (GPU)", "On CUDA, input batches are channels_last and the data sets live on the GPU, "
-        "always; --amp and --compile are opt-in."))
+        "speed (GPU)", "On CUDA the data sets live on the GPU, always; input batches are channels_last "
+        "unless --no-channels_last; --cudnn_benchmark, --amp and --compile are opt-in. None of these is "
+        "result-neutral (see the README's GPU section)."))
     return parser
 
 
@@ -346,6 +349,14 @@ def _add_speed_flags(speed: argparse._ArgumentGroup) -> None:
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model (pays off on long GPU runs; the first "
                        "batches are slow while it compiles)")
+    speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                       help="input batches in channels_last memory format (default: on CUDA, off "
+                       "elsewhere); changes which convolution kernels run, so results may differ in the "
+                       "last bits")
+    speed.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=False,
+                       help="let cuDNN time its convolution algorithms at the first batches and keep the "
+                       "fastest (CUDA only; a no-op with a notice elsewhere); the choice may differ between "
+                       "processes, so such runs are not bit-repeatable")
 
 
 def _validate_device(name: str) -> str:

@@ -78,7 +78,7 @@ class Experiment:
         """`config` goes into every file the run saves (`to_dict()`); `run()` passes it with the
         data's fingerprint (`run_dir.RecordedConfig`), already written to config.json."""
         self.config, self.tasks = config, tasks
-        self.accel = Acceleration.for_device(config.device, amp=config.amp, compile=config.compile)
+        self.accel = Acceleration.for_config(config)
         torch.manual_seed(config.seed)
         self.model = self.accel.prepare(build_model(config.net_name, config.num_classes).to(self.accel.device))
         self.test_loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False,
