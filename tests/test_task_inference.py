@@ -198,10 +198,12 @@ def run(data_dir: Path, out: Path, *flags: str) -> dict:
 
 
 def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes(cifar_dir, tmp_path):
+    """One-shot inference, the one with backward passes, against none (confidence and entropy only
+    run forward passes under no_grad; the retest test below runs entropy inside a run)."""
     plain = run(cifar_dir, tmp_path / "none", "--task_inference", "none")
     assert plain["acc_matrix_agnostic"] is None and plain["task_inference"] == {"method": "none"}
     weights = run_dir.load_checkpoint(tmp_path / "none" / run_dir.CHECKPOINT_FILE)["model"]
-    for method in ("oneshot", "confidence"):
+    for method in ("oneshot",):
         results = run(cifar_dir, tmp_path / method, "--task_inference", method)
         assert results["acc_matrix"] == plain["acc_matrix"]  # bit for bit (JSON keeps every float digit)
         after = run_dir.load_checkpoint(tmp_path / method / run_dir.CHECKPOINT_FILE)["model"]
@@ -220,13 +222,16 @@ def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes
 def test_retest_measures_again_exactly_what_the_run_measured(cifar_dir, tmp_path, capsys):
     results = run(cifar_dir, tmp_path / "run", "--task_inference", "entropy")
     out = tmp_path / "retest.json"
-    assert retest.main([str(tmp_path / "run"), "--methods", "entropy", "oneshot", "--test_batch_sizes", "16", "8",
+    assert retest.main([str(tmp_path / "run"), "--methods", "entropy", "confidence", "--test_batch_sizes", "16", "50",
                         "--out", str(out)]) == 0
     found = {(r["method"], r["test_batch_size"]): r for r in json.loads(out.read_text())["results"]}
     same = found[("entropy", 16)]
     assert same["acc_matrix_agnostic"] == [row[:3] for row in results["acc_matrix_agnostic"]]
     assert same["acc_final_row"] == results["acc_matrix"][-1] and same["acc"] == pytest.approx(results["acc"])
-    assert found[("oneshot", 8)]["backward_passes"] > 0
+    assert found[("entropy", 16)]["forward_passes"] == 9 * 13  # rows 1, 2, 3: 1, 3 and 5 test sets of 13 batches
+    assert found[("confidence", 16)]["forward_passes"] == 0  # the same networks' outputs, kept
+    assert found[("entropy", 50)]["forward_passes"] == 9 * 4  # other batches: 1 + 3 + 5 test sets of 4 batches
+    assert found[("confidence", 50)]["forward_passes"] == 0
     assert "| entropy | 16 |" in capsys.readouterr().out
 
 
