@@ -1,6 +1,11 @@
-"""Data for the tests that run the real loading code: the real subsets in ../shared/data when
-present, otherwise small files generated in the same layouts, with class-dependent colours so that
-a network can learn them."""
+"""Shared fixtures: the `device` the device-parametrised tests run on, and data for the tests that
+run the real loading code: the real subsets in ../shared/data when present, otherwise small files
+generated in the same layouts, with class-dependent colours so that a network can learn them.
+
+`device` is "cpu" always and "cuda" when a GPU is there (skipped otherwise): `pytest -k cuda`
+selects exactly the CUDA cases, which is how a GPU check runs them, so no other test may have
+"cuda" in its name or ids (`pytest_collection_modifyitems` refuses one that does).
+"""
 
 import io
 import pickle
@@ -10,9 +15,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NO_GPU = "no CUDA device here (torch.cuda.is_available() is False): the CUDA case runs where there is one"
+CUDA_CASE = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: the CUDA case of a test parametrised by the `device` fixture")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA_CASE)])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device a test puts its tensors, models and loaders on: the CPU, and the GPU when there is one."""
+    return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that `pytest -k cuda` would select although it is no CUDA case of `device`
+    (-k matches the names of the test and its parents, its parameter ids and its markers)."""
+    stray = [item.nodeid for item in items
+             if any("cuda" in keyword.lower() for keyword in item.keywords) and item.get_closest_marker("cuda") is None]
+    if stray:
+        raise pytest.UsageError(f"{len(stray)} test(s) have 'cuda' in their name or ids, so `pytest -k cuda` (the GPU "
+                                f"check) would select them: rename them or give them other ids: {', '.join(stray[:5])}")
 
 
 def class_images(label: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -28,7 +28,7 @@ def test_on_the_cpu_everything_is_off_and_amp_is_a_noop_with_a_notice(caplog):
     assert isinstance(accel.autocast(), type(for_config(parse_config([], "cifar100")).autocast()))
 
 
-def test_on_cuda_batches_are_channels_last_and_amp_and_compile_are_opt_in(monkeypatch):
+def test_on_a_gpu_batches_are_channels_last_and_amp_and_compile_are_opt_in(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr("utils.cli._check_compile", lambda device: None)

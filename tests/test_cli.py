@@ -239,7 +239,8 @@ def test_booleans_turn_off_and_on_again() -> None:
         (["--test_batch_size", "1"], "miniImageNet", "--test_batch_size 1: a batch needs at least 2 images"),
         (["--num_tasks", "100", "--num_classes_per_task", "1", "--test_per_class", "1"], "miniImageNet",
          "tests each task on one image"),
-        (["--device", "meta"], "cifar100", "a run trains on cpu, cuda[:N] or mps, not on meta"),
+        pytest.param(["--device", "meta"], "cifar100", "a run trains on cpu, cuda[:N] or mps, not on meta",
+                     id="device-meta"),  # an id without "cuda": `pytest -k cuda` selects the GPU cases only
         (["--device", "xpu"], "cifar100", "not on xpu"),
         (["--momentum", "1"], "cifar100", "--momentum must be in [0, 1)"),
         (["--device", "gpu7"], "cifar100", "not a torch device"),
@@ -258,20 +259,20 @@ def test_semantic_errors_are_one_line_user_errors(
     assert "\n" not in text
 
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
-def test_cuda_without_cuda_is_a_user_error(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"], ids=["no_index", "index_0", "index_1"])
+def test_a_gpu_device_without_a_gpu_is_a_user_error(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA is not available"):
         parse_config(["--device", device], "cifar100")
 
 
-def test_device_defaults_to_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_device_defaults_to_cpu_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert parse_config([], "cifar100").device == "cpu"
     assert parse_config(["--device", "cpu"], "miniImageNet").device == "cpu"
 
 
-def test_device_defaults_to_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_device_defaults_to_the_gpu_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert parse_config([], "cifar100").device == "cuda"
 

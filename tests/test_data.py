@@ -533,27 +533,28 @@ def epoch(loader: TensorLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_loader_batches_shapes_and_dtypes(train):
+def test_loader_batches_shapes_and_dtypes(train, device):
     split = indexed_split(10, size=8)._replace(normalization=DATASET_STATS["cifar100"])
-    loader = TensorLoader(split, batch_size=4, train=train, device=torch.device("cpu"))
+    loader = TensorLoader(split, batch_size=4, train=train, device=device)
     assert len(loader) == 3
     batches = list(loader)
     assert [len(y) for _, y in batches] == [4, 4, 2]
     for x, y in batches:
-        assert x.dtype == torch.float32 and x.shape[1:] == (3, 8, 8) and x.device.type == "cpu"
-        assert y.dtype == torch.int64 and y.device.type == "cpu"
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 8, 8) and x.device.type == device.type
+        assert y.dtype == torch.int64 and y.device.type == device.type
     assert len(TensorLoader(split, batch_size=5, train=train, **IDENTITY)) == 2
     assert len(TensorLoader(split, batch_size=64, train=train, **IDENTITY)) == 1
 
 
-def test_eval_loader_is_fixed_and_plainly_normalized():
+def test_eval_loader_is_fixed_and_plainly_normalized(device):
     mean, std = DATASET_STATS["cifar100"]
     split = indexed_split(50)._replace(normalization=Normalization(mean, std))
-    loader = TensorLoader(split, batch_size=16, train=False, seed=1)  # the split's own normalization
+    loader = TensorLoader(split, batch_size=16, train=False, seed=1, device=device)  # the split's own normalization
     x1, y1 = epoch(loader)
     x2, y2 = epoch(loader)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert torch.equal(y1, split.labels)
+    x1, y1 = x1.cpu(), y1.cpu()
+    assert torch.equal(y1, split.labels)  # the test order on every device
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     plain = (split.images.float() / 255 - mean_t) / std_t
     assert torch.allclose(x1, plain, atol=1e-5, rtol=0)
@@ -623,20 +624,24 @@ def test_train_loader_visits_each_sample_once_per_epoch_and_reshuffles():
     assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
 
 
-def test_train_loader_is_deterministic_per_seed():
+def test_train_loader_is_deterministic_per_seed(device):
+    """Same seed, same epochs (shuffle, crops and flips) on every device: the loader draws them from a
+    CPU generator, so a loader on `device` gives exactly the batches of the CPU loader."""
     split = indexed_split(64)
-    a, b, c = (TensorLoader(split, batch_size=16, train=True, seed=s, **IDENTITY) for s in (3, 3, 4))
+    a = TensorLoader(split, batch_size=16, train=True, seed=3, **IDENTITY)  # on the CPU
+    b, c = (TensorLoader(split, batch_size=16, train=True, seed=s, device=device, **IDENTITY) for s in (3, 4))
     for _ in range(2):
         (xa, ya), (xb, yb), (_, yc) = epoch(a), epoch(b), epoch(c)
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-        assert not torch.equal(ya, yc)
+        assert xb.device.type == yb.device.type == device.type
+        assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+        assert not torch.equal(ya, yc.cpu())
 
 
-def test_train_augmentation_is_a_padded_crop_and_maybe_a_flip():
+def test_train_augmentation_is_a_padded_crop_and_maybe_a_flip(device):
     pad, n = 2, 40
     split = indexed_split(n, size=8)
     padded = torch.nn.functional.pad(split.images, (pad, pad, pad, pad))
-    x, y = epoch(TensorLoader(split, batch_size=16, train=True, pad=pad, **IDENTITY))
+    x, y = (t.cpu() for t in epoch(TensorLoader(split, batch_size=16, train=True, pad=pad, device=device, **IDENTITY)))
     seen_flip = set()
     offsets = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
     for out, i in zip(to_pixels(x), y.tolist()):

@@ -2,7 +2,8 @@
 
 Invariants from DESIGN.md section 3: exact per-layer counts, frozen weights bit-identical under
 any optimizer, masked-out weights and their optimizer state zero, regrown weights start at zero
-(or at their stored value when frozen), same seed -> same run.
+(or at their stored value when frozen), same seed -> same run. The tests of invariants 1-4 run on
+every `device` (tests/conftest.py): the CPU, and the GPU when there is one.
 """
 
 import copy
@@ -51,15 +52,20 @@ class ConvNet(nn.Module):
 MASKABLE = {"conv1.weight", "conv2.weight", "head.0.weight", "head.2.weight"}
 
 
-def build(seed: int = 0, **kw) -> ConvNet:
+CPU = torch.device("cpu")
+
+
+def build(seed: int = 0, device: torch.device = CPU, **kw) -> ConvNet:
+    """The ConvNet with the weights that `seed` draws on the CPU, on `device`."""
     torch.manual_seed(seed)
-    return ConvNet(**kw)
+    return ConvNet(**kw).to(device)
 
 
-def make_batches(n: int, seed: int, bs: int = 16):
+def make_batches(n: int, seed: int, bs: int = 16, device: torch.device = CPU):
+    """n batches drawn on the CPU from `seed` (the same on every device), on `device`."""
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(bs, 3, 8, 8, generator=g), torch.randint(0, 10, (bs,), generator=g))
+        (torch.randn(bs, 3, 8, 8, generator=g).to(device), torch.randint(0, 10, (bs,), generator=g).to(device))
         for _ in range(n)
     ]
 
@@ -121,13 +127,13 @@ def check_invariants(model, opt, mask, require_state=True):
             assert torch.all(t[~trainable] == 0), f"{n}.{k} nonzero outside trainable set"
 
 
-def run_task1(opt_kind="adam", growth="random", steps=20, density=0.3, seed=0, model=None):
-    """Train task 1, consolidate; return model, task-1 masks and the consolidated weights."""
-    model = build() if model is None else model
+def run_task1(opt_kind="adam", growth="random", steps=20, density=0.3, seed=0, model=None, device=CPU):
+    """Train task 1 on `device`, consolidate; return model, task-1 masks and the consolidated weights."""
+    model = build(device=device) if model is None else model
     opt = make_opt(opt_kind, model.parameters())
     mask = Masking(opt, density=density, growth=growth, update_frequency=4, total_steps=steps, seed=seed)
     mask.add_module(model)
-    train(model, opt, mask, make_batches(steps, 1))
+    train(model, opt, mask, make_batches(steps, 1, device=device))
     masks1 = mask.consolidate()
     w1 = {n: p.detach().clone() for n, p in model.named_parameters()}
     return model, masks1, w1
@@ -159,8 +165,8 @@ def test_maskable_set_is_conv_and_linear_weights_only():
 
 @pytest.mark.parametrize("init", ["uniform", "ERK"])
 @pytest.mark.parametrize("new_weights", ["zero", "init"])
-def test_initial_masks_match_allocation(init, new_weights):
-    model = build()
+def test_initial_masks_match_allocation(init, new_weights, device):
+    model = build(device=device)
     orig = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = make_opt("adam", model.parameters())
     mask = Masking(opt, density=0.3, sparse_init=init, total_steps=10, new_weights=new_weights)
@@ -222,8 +228,8 @@ def test_same_seed_same_run_different_seed_different_masks():
 @pytest.mark.parametrize("opt_kind", ["adam", "sgd"])
 @pytest.mark.parametrize("init", ["uniform", "ERK"])
 @pytest.mark.parametrize("growth", GROWTHS)
-def test_counts_constant_under_topology_updates(growth, init, opt_kind):
-    model = build()
+def test_counts_constant_under_topology_updates(growth, init, opt_kind, device):
+    model = build(device=device)
     opt = make_opt(opt_kind, model.parameters())
     # ERK at 0.5 makes the two linear layers dense (they must be skipped)
     density = 0.5 if init == "ERK" else 0.3
@@ -247,7 +253,7 @@ def test_counts_constant_under_topology_updates(growth, init, opt_kind):
             assert mask.masks[n].all()
         prev = clone_masks(mask.masks)
 
-    train(model, opt, mask, make_batches(50, 1), after)
+    train(model, opt, mask, make_batches(50, 1, device=device), after)
     assert changes >= 40, "topology updates did not change the masks"
     for n in MASKABLE:
         assert int(mask.masks[n].sum()) == int(init_masks[n].sum()) == mask.counts[n]
@@ -257,12 +263,12 @@ def test_counts_constant_under_topology_updates(growth, init, opt_kind):
 
 
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
-def test_outside_mask_zero_and_state_zero_first_task(opt_kind):
-    model = build()
+def test_outside_mask_zero_and_state_zero_first_task(opt_kind, device):
+    model = build(device=device)
     opt = make_opt(opt_kind, model.parameters())
     mask = Masking(opt, density=0.2, growth="random", update_frequency=2, total_steps=20)
     mask.add_module(model)
-    train(model, opt, mask, make_batches(20, 1), lambda i: check_invariants(model, opt, mask))
+    train(model, opt, mask, make_batches(20, 1, device=device), lambda i: check_invariants(model, opt, mask))
 
 
 # --------------------------------------------------------------------------- schedule, frequency
@@ -582,8 +588,8 @@ def test_unfired_growth_prefers_never_fired():
     "opt_kind", ["sgd", "adam", "sgd0", "adam0", "adam_fused", "adam_fused_wd", "adamw", "rmsprop", "rmsprop_centered"]
 )
 @pytest.mark.parametrize("growth", GROWTHS)
-def test_frozen_weights_bit_identical(opt_kind, growth):
-    model, masks1, w1 = run_task1(opt_kind)
+def test_frozen_weights_bit_identical(opt_kind, growth, device):
+    model, masks1, w1 = run_task1(opt_kind, device=device)
     params = dict(model.named_parameters())
     opt = make_opt(opt_kind, model.parameters())
     mask = Masking(
@@ -609,7 +615,7 @@ def test_frozen_weights_bit_identical(opt_kind, growth):
             check_invariants(model, opt, mask)
 
     check_frozen()
-    train(model, opt, mask, make_batches(40, 2), check_frozen)
+    train(model, opt, mask, make_batches(40, 2, device=device), check_frozen)
     assert stats["overlap"] > 0, "no frozen weight was ever reused: test is vacuous"
     assert stats["changes"] > 0
     moved = any(
@@ -701,8 +707,8 @@ def test_consolidate_returns_a_copy():
 
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
 @pytest.mark.parametrize("growth", ["random", "gradient"])
-def test_regrown_entries_start_values_and_state(opt_kind, growth):
-    model, masks1, w1 = run_task1(opt_kind, density=0.5)
+def test_regrown_entries_start_values_and_state(opt_kind, growth, device):
+    model, masks1, w1 = run_task1(opt_kind, density=0.5, device=device)
     params = dict(model.named_parameters())
     opt = make_opt(opt_kind, model.parameters())
     mask = Masking(
@@ -710,7 +716,7 @@ def test_regrown_entries_start_values_and_state(opt_kind, growth):
         frozen=clone_masks(masks1), seed=2,
     )
     mask.add_module(model)
-    batches = make_batches(15, 3)
+    batches = make_batches(15, 3, device=device)
     n_frozen_regrown = n_free_regrown = 0
     for cycle in range(5):
         train(model, opt, mask, batches[3 * cycle: 3 * cycle + 3])
@@ -735,8 +741,8 @@ def test_regrown_entries_start_values_and_state(opt_kind, growth):
 
 
 @pytest.mark.parametrize("new_weights", ["zero", "init"])
-def test_new_weights_of_later_task(new_weights):
-    model, masks1, w1 = run_task1("adam")
+def test_new_weights_of_later_task(new_weights, device):
+    model, masks1, w1 = run_task1("adam", device=device)
     params = dict(model.named_parameters())
     opt = make_opt("adam", model.parameters())
     mask = Masking(
@@ -794,11 +800,11 @@ def test_capacity_fractions():
     assert abs(sum(layer_used) / len(layer_used) - tot["used"] / numel) > 1e-3  # weighted != mean
 
 
-def test_consolidate_and_apply_reproduce_each_task():
+def test_consolidate_and_apply_reproduce_each_task(device):
     """Zero forgetting: a task's network after later tasks equals the one at its end."""
-    model = build(0, bias=False, affine=False)  # nothing outside the masks is shared
+    model = build(0, device, bias=False, affine=False)  # nothing outside the masks is shared
     model.eval()
-    x_eval = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(42))
+    x_eval = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(42)).to(device)
     tm = TaskMasks()
     eff, outs = [], []
     for t in range(3):
@@ -809,7 +815,7 @@ def test_consolidate_and_apply_reproduce_each_task():
         )
         mask.add_module(model)
         model.train()
-        train(model, opt, mask, make_batches(20, 10 + t))
+        train(model, opt, mask, make_batches(20, 10 + t, device=device))
         model.eval()
         masks_t = mask.consolidate()
         tm.add(masks_t)

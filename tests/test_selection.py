@@ -1,4 +1,6 @@
-"""The selection primitives of a topology update: exact top-k and uniform sampling of free entries."""
+"""The selection primitives of a topology update: exact top-k and uniform sampling of free entries,
+on every `device` (tests/conftest.py). Scores and taken entries are drawn on the CPU, so a device
+sees the same ones; the draws of `random_free_indices` come from a generator on the device."""
 
 import pytest
 import torch
@@ -8,27 +10,28 @@ from sparselearning.selection import SAMPLE_SIZE, random_free_indices, top_indic
 
 @pytest.mark.parametrize("n,k", [(50, 7), (4 * SAMPLE_SIZE + 1, 1), (200_000, 3_000), (200_000, 100_000),
                                  (200_000, 150_000), (500_000, 499_990), (470_000, 235_000)])
-def test_top_indices_is_exact_topk(n, k):
+def test_top_indices_is_exact_topk(n, k, device):
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(n, generator=g)
     scores[torch.randperm(n, generator=g)[: n // 3]] = float("-inf")  # excluded entries, as in growth
+    scores = scores.to(device)
     got = top_indices(scores, k)
     assert got.numel() == k and torch.unique(got).numel() == k
     assert torch.equal(torch.sort(scores[got]).values, torch.sort(torch.topk(scores, k).values).values)
 
 
 @pytest.mark.parametrize("k", [1000, 150_000, 299_000])
-def test_top_indices_with_ties_at_the_threshold_is_still_exact(k):
+def test_top_indices_with_ties_at_the_threshold_is_still_exact(k, device):
     """Many equal values around the k-th: the bracket's edges fall on ties."""
     g = torch.Generator().manual_seed(k)
-    scores = torch.randint(0, 20, (300_000,), generator=g).float()
+    scores = torch.randint(0, 20, (300_000,), generator=g).float().to(device)
     got = top_indices(scores, k)
     assert got.numel() == k and torch.unique(got).numel() == k
     assert torch.equal(torch.sort(scores[got]).values, torch.sort(torch.topk(scores, k).values).values)
 
 
-def test_top_indices_with_massive_ties_is_still_exact():
-    scores = torch.zeros(300_000)
+def test_top_indices_with_massive_ties_is_still_exact(device):
+    scores = torch.zeros(300_000, device=device)
     scores[:10] = 1.0
     got = top_indices(scores, 1000)
     assert got.numel() == 1000 and torch.unique(got).numel() == 1000
@@ -36,20 +39,19 @@ def test_top_indices_with_massive_ties_is_still_exact():
 
 
 @pytest.mark.parametrize("n,taken_fraction,k", [(100_000, 0.1, 5_000), (100_000, 0.9, 2_000), (100, 0.5, 50)])
-def test_random_free_indices_are_distinct_free_and_exactly_k(n, taken_fraction, k):
-    g = torch.Generator().manual_seed(0)
-    taken = torch.rand(n, generator=g) < taken_fraction
-    got = random_free_indices(taken, k, int((~taken).sum()), g)
+def test_random_free_indices_are_distinct_free_and_exactly_k(n, taken_fraction, k, device):
+    taken = (torch.rand(n, generator=torch.Generator().manual_seed(0)) < taken_fraction).to(device)
+    got = random_free_indices(taken, k, int((~taken).sum()), torch.Generator(device=device).manual_seed(1))
     assert got.numel() == k and torch.unique(got).numel() == k
     assert not taken[got].any()
 
 
-def test_random_free_indices_are_uniform_over_the_free_entries():
+def test_random_free_indices_are_uniform_over_the_free_entries(device):
     n, k, rounds = 20_000, 2_000, 50
-    taken = torch.zeros(n, dtype=torch.bool)
+    taken = torch.zeros(n, dtype=torch.bool, device=device)
     taken[: n // 2] = True  # the first half is taken: never chosen; the rest equally often
-    g = torch.Generator().manual_seed(1)
-    counts = torch.zeros(n)
+    g = torch.Generator(device=device).manual_seed(1)
+    counts = torch.zeros(n, device=device)
     for _ in range(rounds):
         counts[random_free_indices(taken, k, n // 2, g)] += 1
     assert counts[: n // 2].sum() == 0

@@ -1,4 +1,7 @@
-"""Per-task mask store (`TaskMasks`): bookkeeping, capacity, compact save/load, apply()."""
+"""Per-task mask store (`TaskMasks`): bookkeeping, capacity, compact save/load, apply().
+
+Bit packing, the union of earlier tasks, save/load and apply() run on every `device`
+(tests/conftest.py); the masks are drawn on the CPU and moved there."""
 
 import copy
 import math
@@ -16,13 +19,13 @@ from tests.shapes import resnet18_shapes
 # --------------------------------------------------------------------------- helpers
 
 
-def hand_masks():
-    """Two tasks over a [2,2] and a [3,4] layer, small enough to check capacity by hand."""
-    a0 = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)
-    a1 = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool)
-    b0 = torch.zeros(3, 4, dtype=torch.bool)
+def hand_masks(device: torch.device = torch.device("cpu")):
+    """Two tasks over a [2,2] and a [3,4] layer, small enough to check capacity by hand (on `device`)."""
+    a0 = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool, device=device)
+    a1 = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool, device=device)
+    b0 = torch.zeros(3, 4, dtype=torch.bool, device=device)
     b0[0, 0] = True
-    b1 = torch.zeros(3, 4, dtype=torch.bool)
+    b1 = torch.zeros(3, 4, dtype=torch.bool, device=device)
     b1[1, 1] = b1[1, 2] = True
     return [{"a.weight": a0, "b.weight": b0}, {"a.weight": a1, "b.weight": b1}]
 
@@ -42,18 +45,19 @@ MASKED = ("conv.weight", "fc.weight")
 
 
 def random_masks(model, seed, p=0.4):
+    """Masks drawn on the CPU from `seed`, on the device of `model`."""
     g = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
-    return {n: torch.rand(params[n].shape, generator=g) < p for n in MASKED}
+    return {n: (torch.rand(params[n].shape, generator=g) < p).to(params[n].device) for n in MASKED}
 
 
 # --------------------------------------------------------------------------- tests
 
 
-def test_add_get_len():
+def test_add_get_len(device):
     tm = TaskMasks()
     assert len(tm) == 0
-    m0, m1 = hand_masks()
+    m0, m1 = hand_masks(device)
     tm.add(m0)
     assert len(tm) == 1
     tm.add(m1)
@@ -62,14 +66,14 @@ def test_add_get_len():
         got = tm[t]
         assert set(got) == set(ref)
         for k in ref:
-            assert got[k].dtype == torch.bool
+            assert got[k].dtype == torch.bool and got[k].device == ref[k].device
             assert torch.equal(got[k], ref[k]), (t, k)
 
 
-def test_frozen_before_is_union_of_earlier_tasks():
+def test_frozen_before_is_union_of_earlier_tasks(device):
     g = torch.Generator().manual_seed(0)
     shapes = {"x.weight": (5, 7), "y.weight": (3, 2, 3, 3)}
-    tasks = [{k: torch.rand(s, generator=g) < 0.3 for k, s in shapes.items()} for _ in range(3)]
+    tasks = [{k: (torch.rand(s, generator=g) < 0.3).to(device) for k, s in shapes.items()} for _ in range(3)]
     tm = TaskMasks()
     for m in tasks:
         tm.add(m)
@@ -80,7 +84,7 @@ def test_frozen_before_is_union_of_earlier_tasks():
             want = tasks[0][k].clone()
             for u in range(1, t):
                 want |= tasks[u][k]
-            assert fb[k].dtype == torch.bool
+            assert fb[k].dtype == torch.bool and fb[k].device == want.device
             assert torch.equal(fb[k], want), (t, k)
     # strictly earlier tasks only: task 1's own mask is not in frozen_before(1)
     only1 = tasks[1]["x.weight"] & ~tasks[0]["x.weight"]
@@ -138,17 +142,17 @@ def test_save_load_lossless_and_bit_packed(tmp_path):
     assert torch.equal(fb["fc.weight"], tasks[0]["fc.weight"] | tasks[1]["fc.weight"])
 
 
-def test_save_load_odd_sizes(tmp_path):
+def test_save_load_odd_sizes(tmp_path, device):
     # numel not a multiple of 8: padding bits must not leak into the masks
     g = torch.Generator().manual_seed(1)
     shapes = {"a.weight": (3, 3), "b.weight": (7, 5, 1, 1), "c.weight": (1, 1)}
-    tasks = [{k: torch.rand(s, generator=g) < 0.5 for k, s in shapes.items()} for _ in range(3)]
+    tasks = [{k: (torch.rand(s, generator=g) < 0.5).to(device) for k, s in shapes.items()} for _ in range(3)]
     tasks[0]["c.weight"][:] = True
     tm = TaskMasks()
     for m in tasks:
         tm.add(m)
     tm.save(tmp_path / "m.pt")
-    loaded = TaskMasks.load(tmp_path / "m.pt")
+    loaded = TaskMasks.load(tmp_path / "m.pt", device)
     assert len(loaded) == 3
     for t in range(3):
         for k in shapes:
@@ -177,9 +181,9 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatc
     assert len(TaskMasks.load(path)) == 1
 
 
-def test_apply_masks_and_restores_exactly():
+def test_apply_masks_and_restores_exactly(device):
     torch.manual_seed(0)
-    model = Net()
+    model = Net().to(device)
     with torch.no_grad():  # make BN affine params non-trivial
         model.bn.weight.uniform_(0.5, 1.5)
         model.bn.bias.uniform_(-0.5, 0.5)
@@ -189,7 +193,7 @@ def test_apply_masks_and_restores_exactly():
     masks = [random_masks(model, 1), random_masks(model, 2)]
     for m in masks:
         tm.add(m)
-    x = torch.randn(4, 3, 5, 5)
+    x = torch.randn(4, 3, 5, 5).to(device)
     for t in (0, 1):
         with tm.apply(model, t):
             params = dict(model.named_parameters())
@@ -229,15 +233,16 @@ def test_apply_restores_on_exception():
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 3, 3), (100, 513)])
-def test_bit_packing_is_numpys_layout_and_round_trips(shape):
+def test_bit_packing_is_numpys_layout_and_round_trips(shape, device):
     import numpy as np
 
     from sparselearning.task_masks import pack_bits, unpack_bits
 
-    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.3
+    mask = (torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.3).to(device)
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8)
-    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy().ravel()))  # the on-disk format
+    assert packed.device == mask.device  # packed where the mask is
+    assert np.array_equal(packed.cpu().numpy(), np.packbits(mask.cpu().numpy().ravel()))  # the on-disk format
     assert torch.equal(unpack_bits(packed, mask.shape), mask)
 
 
