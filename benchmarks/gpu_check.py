@@ -115,7 +115,9 @@ def learning_result(results: dict | None, dry: bool) -> dict[str, Any] | None:
     above = bool(final) and all(a is not None and a > chance for a in final)
     return {"acc": results.get("acc"), "bwt": results.get("bwt"), "final_row": final, "chance": chance,
             "above_chance": above, "tasks_done": results["tasks_done"], "epochs": config["epochs"],
-            "complete": results.get("complete"), "judged": not dry}
+            "complete": results.get("complete"), "judged": not dry,
+            "task_inference": results.get("task_inference"), "acc_agnostic": results.get("acc_agnostic"),
+            "task_id_accuracy": results.get("task_id_accuracy")}
 
 
 def versions() -> dict[str, Any]:
@@ -171,7 +173,9 @@ def markdown(report: dict[str, Any]) -> str:
                   f"ACC {cell(learning['acc'])} %, BWT {cell(learning['bwt'])}, final accuracies "
                   f"{cell(learning['final_row'])} (chance {learning['chance']:g} %): "
                   f"{'above chance' if learning['above_chance'] else 'NOT above chance'}"
-                  f"{'' if learning['judged'] else ' (dry run: not judged)'}"]
+                  f"{'' if learning['judged'] else ' (dry run: not judged)'}; task id hidden "
+                  f"({(learning['task_inference'] or {}).get('method')}): ACC {cell(learning['acc_agnostic'])} %, "
+                  f"task found for {cell(learning['task_id_accuracy'])} % of the test batches per row"]
     return "\n".join(lines) + "\n"
 
 

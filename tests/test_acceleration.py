@@ -61,7 +61,7 @@ def test_neither_layout_nor_autotuning_counts_as_result_neutral():
         assert flag not in RESULT_NEUTRAL_SETTINGS and flag not in RESUME_MAY_CHANGE
 
 
-def test_prepare_sets_cudnn_autotuning_on_cuda_only():
+def test_prepare_sets_cudnn_autotuning_on_a_gpu_only():
     before = torch.backends.cudnn.benchmark
     try:
         for on in (True, False):

@@ -130,7 +130,7 @@ def test_concurrent_runs_are_measured_over_the_common_window():
     assert recommended({1: 100.0, 2: 90.0}) == 1
 
 
-def test_cuda_targets_differ_only_where_the_brief_sets_them():
+def test_gpu_targets_differ_only_where_the_issue_sets_them():
     import torch
 
     from benchmarks.report import CUDA_TARGETS, TARGETS, Row, format_table, targets_for

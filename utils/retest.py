@@ -70,7 +70,7 @@ def matching_tasks(config: Config, recorded: dict[str, Any]) -> list[Task]:
 def retest(config: Config, state: dict[str, Any], tasks: list[Task], methods: Sequence[str],
            batch_sizes: Sequence[int]) -> list[dict[str, Any]]:
     """Both accuracy matrices of the tasks the checkpoint finished, per test batch size and method."""
-    accel = Acceleration.for_device(config.device, amp=config.amp)
+    accel = Acceleration.for_device(config.device, amp=config.amp, channels_last=config.channels_last)  # as tested
     model = build_model(config.net_name, config.num_classes).to(accel.device)
     model.load_state_dict(state["model"])
     task_masks = TaskMasks.from_state_dict(state["task_masks"], accel.device)
