@@ -73,7 +73,7 @@ def test_miniimagenet_end_to_end(mini_dir, tmp_path):
 
 
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-         "--max_batches", "3", "--update_frequency", "2", "--growth", "random"]
+         "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "random"]
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -159,8 +159,8 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
 @pytest.mark.parametrize("interrupt_at", [2, 5], ids=["in_first_task", "in_second_task"])
 def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, tmp_path, monkeypatch, interrupt_at):
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
-             "--max_batches", "3", "--update_frequency", "2", "--growth", "momentum", "--checkpoint_every", "1",
-             "--checkpoint_minutes", "0"]
+             "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
+             "--checkpoint_every", "1", "--checkpoint_minutes", "0"]
     reference = run("cifar100", cifar_dir, tmp_path / "ref", *flags)
     assert not (tmp_path / "ref" / run_dir.PROGRESS_FILE).exists()  # removed once a task is finished
 
@@ -204,7 +204,7 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
     out = tmp_path / "run"
     argv = ["--data_dir", str(cifar_dir), "--no-download", "--device", str(device), "--output_dir", str(out),
             "--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "1",
-            "--max_batches", "3", "--update_frequency", "2", "--growth", "gradient"]
+            "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "gradient"]
     assert main("cifar100", argv) == 0
     results = json.loads((out / RESULTS).read_text())
     acc = np.array(results["acc_matrix"], dtype=float)
@@ -228,7 +228,8 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
 def test_topology_updates_are_counted_per_task_in_the_results_and_the_log(cifar_dir, tmp_path):
     """(A task with no update at all is warned about: tests/test_masking.py.)"""
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-             "--max_batches", "3", "--update_frequency", "2"]  # 6 steps a task: updates after steps 2, 4, 6
+             "--max_batches", "3", "--batch_size", "16",
+             "--update_frequency", "2"]  # 6 steps a task: updates after steps 2, 4, 6
     results = run("cifar100", cifar_dir, tmp_path / "run", *flags)
     assert [record["topology_updates"] for record in results["per_task"]] == [3, 3]
     assert [(record["task"], record["classes"]) for record in results["per_task"]] == [(1, [0, 1]), (2, [2, 3])]

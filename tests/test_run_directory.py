@@ -30,8 +30,8 @@ from utils.entry import main
 from utils.errors import UserError
 
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-         "--max_batches", "2", "--update_frequency", "2", "--growth", "momentum", "--sparse_init", "ERK",
-         "--checkpoint_minutes", "0"]  # the task in progress saved after every epoch
+         "--max_batches", "2", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
+         "--sparse_init", "ERK", "--checkpoint_minutes", "0"]  # the task in progress saved after every epoch
 
 
 class Killed(BaseException):

@@ -33,8 +33,8 @@ GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PER_GPU", 
 def tiny_flags(data_dir: Path, tasks: int = 2, max_batches: int = 3) -> list[str]:
     """A run of a few seconds: `tasks` tasks of 2 classes, 1 epoch of `max_batches` batches."""
     return ["--data_dir", str(data_dir), "--no-download", "--num_tasks", str(tasks), "--num_classes", str(2 * tasks),
-            "--num_classes_per_task", "2", "--epochs", "1", "--max_batches", str(max_batches), "--device", "cpu",
-            "--update_frequency", "2"]
+            "--num_classes_per_task", "2", "--epochs", "1", "--max_batches", str(max_batches), "--batch_size", "16",
+            "--device", "cpu", "--update_frequency", "2"]
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -248,12 +248,14 @@ def test_the_report_tables_the_sweep(swept, tmp_path, capsys):
     out, _ = swept
     assert report.main([str(out), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| init + growth | 80 % | 90 % | BWT |"
-    for line, growth in zip(lines[1:], ("random", "unfired")):
-        accs = [results(out / f"ERK_{growth}_d{d}_s0")["acc"] for d in ("0.2", "0.1")]
-        assert line == f"| ERK + {growth} | {accs[0]:.2f} (n=1) | {accs[1]:.2f} (n=1) | 0.00 ± 0.00 |"
-    assert len(lines) == 3
+    tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("| ")]
+    assert len(tables) == 2  # the task-aware table, then the task-agnostic one (default --task_inference)
+    for table, metric in zip(tables, ("acc", "acc_agnostic")):
+        assert table[0] == "| init + growth | 80 % | 90 % | BWT |" and len(table) == 4  # header, rule, 2 rows
+        for line, growth in zip(table[2:], ("random", "unfired")):
+            accs = [results(out / f"ERK_{growth}_d{d}_s0")[metric] for d in ("0.2", "0.1")]
+            assert line.startswith(f"| ERK + {growth} | {accs[0]:.2f} (n=1) | {accs[1]:.2f} (n=1) | ")
+    assert tables[0][2].endswith(" | 0.00 ± 0.00 |")  # isolation: no forgetting when the task id is given
     rows = list(csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())))
     assert sorted(Path(row["run"]).name for row in rows) == sorted(POINTS)
     assert {row["status"] for row in rows} == {"complete"}

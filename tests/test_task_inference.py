@@ -188,7 +188,7 @@ def test_a_batch_of_the_wrong_task_counts_all_its_images_wrong():
 # ---- in runs -------------------------------------------------------------------------------------
 
 TINY = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "1",
-        "--max_batches", "3", "--update_frequency", "2", "--test_batch_size", "16"]
+        "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--test_batch_size", "16"]
 
 
 def run(data_dir: Path, out: Path, *flags: str) -> dict:

@@ -30,6 +30,11 @@ def predictions(logits: torch.Tensor, classes: slice, mode: str) -> torch.Tensor
     return logits.argmax(1)
 
 
+def percent(correct: torch.Tensor | int, seen: int) -> float:
+    """Accuracy in percent from a count of right predictions (the one formula every test uses)."""
+    return 100.0 * float(correct) / seen
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, label_shift: int = 0,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
@@ -45,7 +50,7 @@ def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, 
             logits = model(x)
         correct += (predictions(logits, classes, mode) == y - label_shift).sum()
         seen += len(y)
-    return 100.0 * float(correct) / seen
+    return percent(correct, seen)
 
 
 def task_network(model: nn.Module, task_masks: TaskMasks, index: int) -> contextlib.AbstractContextManager:
@@ -62,7 +67,10 @@ class EvaluatedNetworks:
     a run's evaluation time), and task inference would re-run every earlier network on every
     earlier test set. `results` compares the network's weights with those it had when the
     results were computed, exactly, and empties them when they differ (without isolation, say).
+    Under the key `ACCURACY`, a network's accuracy on its own test set (see `accuracy`).
     """
+
+    ACCURACY = "accuracy"
 
     def __init__(self) -> None:
         self._weights: dict[int, list[torch.Tensor]] = {}
@@ -95,11 +103,11 @@ class EvaluatedNetworks:
         if len(task_masks) <= index:  # dense: nothing identifies a task's network
             return test()
         kept = self.results(model, task_masks, index)
-        if "accuracy" in kept:
-            log.debug("task %d's network is unchanged: its test accuracy stays %.2f%%", index + 1, kept["accuracy"])
+        if self.ACCURACY in kept:
+            log.debug("task %d's network is unchanged: its test accuracy stays %.2f%%", index + 1, kept[self.ACCURACY])
         else:
-            kept["accuracy"] = test()
-        return kept["accuracy"]
+            kept[self.ACCURACY] = test()
+        return kept[self.ACCURACY]
 
 
 def evaluate_row(

@@ -143,14 +143,14 @@ class Experiment:
         if mask is not None:
             self.task_masks.add(mask)
         classes = [task.classes for task in self.tasks]
-        self.acc[t] = evaluate_row(self.model, self.task_masks, classes, self.test_loaders, t, mode=config.eval,
-                                   autocast=self.accel.autocast, tested=self.tested)
-        record["test_acc"] = float(self.acc[t, t])
-        if self.inference is not None:
+        if self.inference is not None:  # first: its passes of a new network on its own test set serve both tests
             row = self.inference.row(self.model, self.task_masks, classes, self.test_loaders, t)
             self.acc_agnostic[t] = row.accuracy
             record["task_inference"] = {"task_id_accuracy": row.task_id_accuracy, "seconds": row.seconds,
                                         "forward_passes": row.forward_passes, "backward_passes": row.backward_passes}
+        self.acc[t] = evaluate_row(self.model, self.task_masks, classes, self.test_loaders, t, mode=config.eval,
+                                   autocast=self.accel.autocast, tested=self.tested)
+        record["test_acc"] = float(self.acc[t, t])
         self.records.append(record)
         log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s%s",
                  t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],

@@ -20,8 +20,8 @@ each batch's statistics, so a test batch must hold images of one task: `--test_b
 Cost: ``confidence``/``entropy`` need every candidate network's forward pass on every batch, but a
 network keeps its outputs on a test set while its weights stay the same (`EvaluatedNetworks`):
 with isolation, row i runs only task i's network on tasks 0..i and tasks 0..i-1's networks on task
-i's batches, 2i + 1 test sets in all. A dense network serves every candidate with one forward
-pass. ``oneshot`` needs one forward and one backward pass per batch and row (the superposition
+i's batches, 2i + 1 test sets in all, one of which (task i's network on its own test set) the
+task-aware test then reuses. A dense network serves every candidate with one forward pass. ``oneshot`` needs one forward and one backward pass per batch and row (the superposition
 changes with every row), plus each task's own network on its own test set once.
 """
 
@@ -39,7 +39,7 @@ import torch.nn as nn
 from data import TensorLoader
 from sparselearning import TaskMasks
 from sparselearning.task_masks import Masks
-from utils.evaluation import EvaluatedNetworks, predictions, task_network
+from utils.evaluation import EvaluatedNetworks, percent, predictions, task_network
 
 INFERENCE_METHODS = ("none", "confidence", "entropy", "oneshot")
 """`--task_inference` choices; "none" tests with the task id given only."""
@@ -135,7 +135,7 @@ class TaskInference:
         for j in range(i + 1):
             right = chosen[j] == j
             hits, batches = hits + int(right.sum()), batches + len(right)
-            accuracy[j] = 100.0 * float((correct[j] * right).sum()) / len(loaders[j].labels)
+            accuracy[j] = percent((correct[j] * right).sum(), len(loaders[j].labels))
         return AgnosticRow(accuracy, 100.0 * hits / batches, time.perf_counter() - start,
                            self._forward, self._backward)
 
@@ -162,13 +162,18 @@ class TaskInference:
     def _outputs(self, model: nn.Module, task_masks: TaskMasks, t: int, classes: list[slice],
                  loaders: list[TensorLoader], tests: Sequence[int]) -> dict[int, Outputs]:
         """Task t's network on the test sets `tests`: per set its `Outputs`, kept while the
-        network's weights stay the same (one check of them per call)."""
+        network's weights stay the same (one check of them per call). On its own test set, the
+        same passes give the task-aware test's accuracy, kept for it: the same predictions of
+        the same batches, so the same figure, without passes of its own."""
         kept = self.tested.results(model, task_masks, t)
         missing = [j for j in tests if ("outputs", j) not in kept]
         if missing:
             with task_network(model, task_masks, t):
                 for j in missing:
                     kept[("outputs", j)] = self._run(model, loaders[j], [classes[t]], classes[t] if t == j else None)
+            if t in missing:
+                own = percent(kept[("outputs", t)][1].sum(), len(loaders[t].labels))
+                kept.setdefault(EvaluatedNetworks.ACCURACY, own)
         return {j: kept[("outputs", j)] for j in tests}
 
     def _run(self, model: nn.Module, loader: TensorLoader, candidates: list[slice], own: slice | None) -> Outputs:
