@@ -80,19 +80,25 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return run_dir.load_checkpoint(out / CHECKPOINT)["model"]
 
 
-def test_same_seed_same_results_bit_for_bit(cifar_dir, tmp_path):
-    a = run("cifar100", cifar_dir, tmp_path / "a", *SMALL)
-    b = run("cifar100", cifar_dir, tmp_path / "b", *SMALL)
-    assert a["acc_matrix"] == b["acc_matrix"]
-    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+@pytest.fixture(scope="module")
+def small_run(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished run with the SMALL flags (read, never written, by the tests that use it)."""
+    out = tmp_path_factory.mktemp("small") / "run"
+    return out, run("cifar100", cifar_dir, out, *SMALL)
+
+
+def test_same_seed_same_results_bit_for_bit(cifar_dir, small_run, tmp_path):
+    (first, a), b = small_run, run("cifar100", cifar_dir, tmp_path / "b", *SMALL)
+    assert a["acc_matrix"] == b["acc_matrix"] and a["acc_matrix_agnostic"] == b["acc_matrix_agnostic"]
+    wa, wb = final_weights(first), final_weights(tmp_path / "b")
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
     run("cifar100", cifar_dir, tmp_path / "c", *SMALL, "--seed", "1")
     wc = final_weights(tmp_path / "c")
     assert not all(torch.equal(wa[name], wc[name]) for name in wa)
 
 
-def test_resume_after_a_task_continues_identically(cifar_dir, tmp_path, monkeypatch):
-    reference = run("cifar100", cifar_dir, tmp_path / "ref", *SMALL)
+def test_resume_after_a_task_continues_identically(cifar_dir, small_run, tmp_path, monkeypatch):
+    reference_dir, reference = small_run
 
     calls = []
     real_train_task = experiment.train_task
@@ -112,7 +118,8 @@ def test_resume_after_a_task_continues_identically(cifar_dir, tmp_path, monkeypa
 
     resumed = run("cifar100", cifar_dir, tmp_path / "cut", *SMALL, "--resume")
     assert resumed["acc_matrix"] == reference["acc_matrix"]
-    wr, wf = final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut")
+    assert resumed["acc_matrix_agnostic"] == reference["acc_matrix_agnostic"]  # the task-id-hidden rows kept
+    wr, wf = final_weights(reference_dir), final_weights(tmp_path / "cut")
     assert all(torch.equal(wr[name], wf[name]) for name in wr)
 
 
@@ -156,13 +163,24 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left behind
 
 
+MID_TASK = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
+            "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
+            "--checkpoint_every", "1", "--checkpoint_minutes", "0"]
+
+
+@pytest.fixture(scope="module")
+def mid_task_reference(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The uninterrupted run with the MID_TASK flags."""
+    out = tmp_path_factory.mktemp("mid_task") / "ref"
+    return out, run("cifar100", cifar_dir, out, *MID_TASK)
+
+
 @pytest.mark.parametrize("interrupt_at", [2, 5], ids=["in_first_task", "in_second_task"])
-def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, tmp_path, monkeypatch, interrupt_at):
-    flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
-             "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
-             "--checkpoint_every", "1", "--checkpoint_minutes", "0"]
-    reference = run("cifar100", cifar_dir, tmp_path / "ref", *flags)
-    assert not (tmp_path / "ref" / run_dir.PROGRESS_FILE).exists()  # removed once a task is finished
+def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, mid_task_reference, tmp_path, monkeypatch,
+                                                              interrupt_at):
+    flags = MID_TASK
+    reference_dir, reference = mid_task_reference
+    assert not (reference_dir / run_dir.PROGRESS_FILE).exists()  # removed once a task is finished
 
     epochs_started = []
     real_train_epoch = train.train_epoch
@@ -182,11 +200,13 @@ def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, tmp_pat
 
     resumed = run("cifar100", cifar_dir, tmp_path / "cut", *flags, "--resume")
     assert resumed["acc_matrix"] == reference["acc_matrix"]
+    assert resumed["acc_matrix_agnostic"] == reference["acc_matrix_agnostic"]
+    assert resumed["task_id_accuracy"] == reference["task_id_accuracy"]
     assert [r["kept_epoch"] for r in resumed["per_task"]] == [r["kept_epoch"] for r in reference["per_task"]]
-    wr, wc = final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut")
+    wr, wc = final_weights(reference_dir), final_weights(tmp_path / "cut")
     assert all(torch.equal(wr[name], wc[name]) for name in wr)
-    mr, mc = (TaskMasks.from_state_dict(run_dir.load_checkpoint(tmp_path / d / CHECKPOINT)["task_masks"])
-              for d in ("ref", "cut"))
+    mr, mc = (TaskMasks.from_state_dict(run_dir.load_checkpoint(d / CHECKPOINT)["task_masks"])
+              for d in (reference_dir, tmp_path / "cut"))
     assert all(torch.equal(mr[t][n], mc[t][n]) for t in range(2) for n in mr[t])
 
 

@@ -23,7 +23,10 @@ from utils import run_dir
 from utils.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--batch_size", "16"]  # small: fast
+# Small batches and no task inference: these runs test saving and resuming, not learning (task
+# inference across a resume: tests/test_end_to_end.py).
+SPLIT = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--batch_size", "16",
+         "--task_inference", "none"]
 THREE_TASKS = [*SPLIT, "--epochs", "3", "--max_batches", "3", "--update_frequency", "2", "--growth", "momentum",
                "--sparse_init", "ERK", "--checkpoint_minutes", "0"]  # the task in progress saved after every epoch
 TIMING_KEYS = {"train_seconds"}

@@ -31,7 +31,8 @@ from utils.errors import UserError
 
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
          "--max_batches", "2", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
-         "--sparse_init", "ERK", "--checkpoint_minutes", "0"]  # the task in progress saved after every epoch
+         "--sparse_init", "ERK", "--checkpoint_minutes", "0",  # the task in progress saved after every epoch
+         "--task_inference", "none"]  # these runs test the run directory, not testing
 
 
 class Killed(BaseException):
