@@ -6,6 +6,7 @@ real loading code runs either way.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,9 +124,9 @@ def test_resume_after_a_task_continues_identically(cifar_dir, small_run, tmp_pat
     assert all(torch.equal(wr[name], wf[name]) for name in wr)
 
 
-def test_existing_run_needs_resume_and_resume_checks_the_config(cifar_dir, tmp_path, capsys):
+def test_existing_run_needs_resume_and_resume_checks_the_config(cifar_dir, small_run, tmp_path, capsys):
     out = tmp_path / "run"
-    run("cifar100", cifar_dir, out, *SMALL)
+    shutil.copytree(small_run[0], out)  # a finished run with these flags (refused: nothing is written)
     argv = ["--data_dir", str(cifar_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *SMALL]
     assert main("cifar100", argv) == 2
     assert "--resume" in capsys.readouterr().err
