@@ -221,11 +221,12 @@ def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes
         assert "TASK-AGNOSTIC ACCURACY MATRIX" in (tmp_path / method / run_dir.REPORT_FILE).read_text()
 
 
-# A real-data run whose tasks the default method tells apart: 3 tasks of 2 classes, 3 full epochs,
-# ERK, gradient growth, a topology update every 10 batches, test batches of 16. Measured (README):
+# A real-data run whose tasks the default method tells apart: 3 tasks of 2 classes, 2 full epochs,
+# ERK, gradient growth, a topology update every 10 batches, test batches of 16 (task found in 88.5 /
+# 61.5 % of the batches of rows 2 / 3 on the CIFAR-100 subset, chance 50 / 33.3). Measured (README):
 # with ERK, `confidence` finds most batches' tasks; with uniform init at density 0.2 the first
 # task's network is the most confident on every test set and task identification is near chance.
-RECOGNISABLE = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "3",
+RECOGNISABLE = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "2",
                 "--density", "0.2", "--sparse_init", "ERK", "--growth", "gradient", "--update_frequency", "10",
                 "--test_batch_size", "16", "--task_inference", "confidence"]
 
