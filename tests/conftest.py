@@ -1,6 +1,7 @@
-"""Shared fixtures: the `device` the device-parametrised tests run on, and data for the tests that
-run the real loading code: the real subsets in ../shared/data when present, otherwise small files
-generated in the same layouts, with class-dependent colours so that a network can learn them.
+"""Shared fixtures and run helpers (`finished_run`, `run_once`), the `device` the
+device-parametrised tests run on, and data for the tests that run the real loading code: the real
+subsets in ../shared/data when present, otherwise small files generated in the same layouts, with
+class-dependent colours so that a network can learn them.
 
 `device` is "cpu" always and "cuda" when a GPU is there (skipped otherwise): `pytest -k cuda`
 selects exactly the CUDA cases, which is how a GPU check runs them, so no other test may have
@@ -8,6 +9,7 @@ selects exactly the CUDA cases, which is how a GPU check runs them, so no other 
 """
 
 import io
+import json
 import pickle
 import shutil
 import zipfile
@@ -18,9 +20,27 @@ import pytest
 import torch
 from PIL import Image
 
+from utils import run_dir
+from utils.entry import main
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NO_GPU = "no CUDA device here (torch.cuda.is_available() is False): the CUDA case runs where there is one"
 CUDA_CASE = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)]
+
+
+def finished_run(benchmark: str, data_dir: Path, out: Path, *flags: str) -> dict:
+    """A run of `benchmark` on the CPU from `data_dir` into `out` with `flags`, which must succeed;
+    its results.json."""
+    argv = ["--data_dir", str(data_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *flags]
+    assert main(benchmark, argv) == 0
+    return json.loads((out / run_dir.RESULTS_FILE).read_text())
+
+
+def run_once(tmp_path_factory: pytest.TempPathFactory, name: str, data_dir: Path, *flags: str) -> tuple[Path, dict]:
+    """`finished_run` of CIFAR-100 into a fresh folder named after `name`: for module-scoped
+    fixtures whose run several tests read (never write)."""
+    out = tmp_path_factory.mktemp(name) / "run"
+    return out, finished_run("cifar100", data_dir, out, *flags)
 
 
 def pytest_configure(config: pytest.Config) -> None:

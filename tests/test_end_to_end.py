@@ -16,18 +16,13 @@ import torch
 from sparselearning import TaskMasks
 from utils import experiment, run_dir, train
 from utils.entry import main
+from tests.conftest import finished_run as run, run_once
 
 CHECKPOINT, RESULTS = run_dir.CHECKPOINT_FILE, run_dir.RESULTS_FILE
 
 
 class Killed(BaseException):
     """The process dies here (as under SIGKILL: nothing in the program handles it)."""
-
-
-def run(benchmark: str, data_dir: Path, out: Path, *flags: str) -> dict:
-    argv = ["--data_dir", str(data_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *flags]
-    assert main(benchmark, argv) == 0
-    return json.loads((out / RESULTS).read_text())
 
 
 def check_isolated_run(results: dict, out: Path, tasks: int, classes_per_task: int, density: float) -> None:
@@ -85,8 +80,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def small_run(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
     """A finished run with the SMALL flags (read, never written, by the tests that use it)."""
-    out = tmp_path_factory.mktemp("small") / "run"
-    return out, run("cifar100", cifar_dir, out, *SMALL)
+    return run_once(tmp_path_factory, "small", cifar_dir, *SMALL)
 
 
 def test_same_seed_same_results_bit_for_bit(cifar_dir, small_run, tmp_path):
@@ -173,8 +167,7 @@ MID_TASK = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", 
 @pytest.fixture(scope="module")
 def mid_task_reference(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
     """The uninterrupted run with the MID_TASK flags."""
-    out = tmp_path_factory.mktemp("mid_task") / "ref"
-    return out, run("cifar100", cifar_dir, out, *MID_TASK)
+    return run_once(tmp_path_factory, "mid_task", cifar_dir, *MID_TASK)
 
 
 @pytest.mark.parametrize("interrupt_at", [2, 5], ids=["in_first_task", "in_second_task"])

@@ -15,7 +15,7 @@ from utils import retest, run_dir
 from utils.entry import main
 from utils.evaluation import evaluate_row
 from utils.task_inference import INFERENCE_METHODS, TaskInference, superposition_gradient
-from tests.conftest import SHARED
+from tests.conftest import SHARED, finished_run, run_once
 
 METHODS = INFERENCE_METHODS[1:]
 PLAIN = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels / 255, nothing subtracted
@@ -193,9 +193,7 @@ TINY = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2",
 
 
 def run(data_dir: Path, out: Path, *flags: str) -> dict:
-    argv = ["--data_dir", str(data_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *TINY, *flags]
-    assert main("cifar100", argv) == 0
-    return json.loads((out / run_dir.RESULTS_FILE).read_text())
+    return finished_run("cifar100", data_dir, out, *TINY, *flags)
 
 
 def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes(cifar_dir, tmp_path):
@@ -233,10 +231,7 @@ RECOGNISABLE = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_tas
 
 @pytest.fixture(scope="module")
 def recognisable(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("recognisable") / "run"
-    argv = ["--data_dir", str(cifar_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *RECOGNISABLE]
-    assert main("cifar100", argv) == 0
-    return out, json.loads((out / run_dir.RESULTS_FILE).read_text())
+    return run_once(tmp_path_factory, "recognisable", cifar_dir, *RECOGNISABLE)
 
 
 def test_a_real_data_run_finds_the_tasks_of_test_batches_above_chance(cifar_dir, recognisable):
