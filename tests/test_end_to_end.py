@@ -173,7 +173,6 @@ def mid_task_reference(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
 @pytest.mark.parametrize("interrupt_at", [2, 5], ids=["in_first_task", "in_second_task"])
 def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, mid_task_reference, tmp_path, monkeypatch,
                                                               interrupt_at):
-    flags = MID_TASK
     reference_dir, reference = mid_task_reference
     assert not (reference_dir / run_dir.PROGRESS_FILE).exists()  # removed once a task is finished
 
@@ -188,12 +187,12 @@ def test_resume_in_the_middle_of_a_task_continues_identically(cifar_dir, mid_tas
 
     monkeypatch.setattr(train, "train_epoch", interrupted)
     with pytest.raises(Killed):
-        run("cifar100", cifar_dir, tmp_path / "cut", *flags)
+        run("cifar100", cifar_dir, tmp_path / "cut", *MID_TASK)
     progress = run_dir.load_checkpoint(tmp_path / "cut" / run_dir.PROGRESS_FILE)
     assert (progress["task"], progress["epochs_done"]) == ((interrupt_at - 1) // 3, 1)
     monkeypatch.setattr(train, "train_epoch", real_train_epoch)
 
-    resumed = run("cifar100", cifar_dir, tmp_path / "cut", *flags, "--resume")
+    resumed = run("cifar100", cifar_dir, tmp_path / "cut", *MID_TASK, "--resume")
     assert resumed["acc_matrix"] == reference["acc_matrix"]
     assert resumed["acc_matrix_agnostic"] == reference["acc_matrix_agnostic"]
     assert resumed["task_id_accuracy"] == reference["task_id_accuracy"]
@@ -245,7 +244,7 @@ def test_topology_updates_are_counted_per_task_in_the_results_and_the_log(cifar_
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
              "--max_batches", "3", "--batch_size", "16",
              "--update_frequency", "2"]  # 6 steps a task: updates after steps 2, 4, 6
-    results = run("cifar100", cifar_dir, tmp_path / "run", *flags)
+    results = run("cifar100", cifar_dir, tmp_path / "run", *MID_TASK)
     assert [record["topology_updates"] for record in results["per_task"]] == [3, 3]
     assert [(record["task"], record["classes"]) for record in results["per_task"]] == [(1, [0, 1]), (2, [2, 3])]
     log = (tmp_path / "run" / run_dir.LOG_FILE).read_text()

@@ -21,8 +21,9 @@ Cost: ``confidence``/``entropy`` need every candidate network's forward pass on 
 network keeps its outputs on a test set while its weights stay the same (`EvaluatedNetworks`):
 with isolation, row i runs only task i's network on tasks 0..i and tasks 0..i-1's networks on task
 i's batches, 2i + 1 test sets in all, one of which (task i's network on its own test set) the
-task-aware test then reuses. A dense network serves every candidate with one forward pass. ``oneshot`` needs one forward and one backward pass per batch and row (the superposition
-changes with every row), plus each task's own network on its own test set once.
+task-aware test then reuses. A dense network serves every candidate with one forward pass.
+``oneshot`` needs one forward and one backward pass per batch and row (the superposition changes
+with every row), plus each task's own network on its own test set once.
 """
 
 from __future__ import annotations
