@@ -244,7 +244,7 @@ def test_topology_updates_are_counted_per_task_in_the_results_and_the_log(cifar_
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
              "--max_batches", "3", "--batch_size", "16",
              "--update_frequency", "2"]  # 6 steps a task: updates after steps 2, 4, 6
-    results = run("cifar100", cifar_dir, tmp_path / "run", *MID_TASK)
+    results = run("cifar100", cifar_dir, tmp_path / "run", *flags)
     assert [record["topology_updates"] for record in results["per_task"]] == [3, 3]
     assert [(record["task"], record["classes"]) for record in results["per_task"]] == [(1, [0, 1]), (2, [2, 3])]
     log = (tmp_path / "run" / run_dir.LOG_FILE).read_text()
