@@ -2,10 +2,13 @@
 
 The first call decodes every JPEG straight out of the zip (nothing is extracted, the zip is never
 touched) and writes all images, resized, as one uint8 array to `miniImageNet_{size}px.npz` next to
-the zip, whole or not at all. Later calls read that cache. The train/test split is made per class
+the zip, whole or not at all; when the zip's folder is read-only (a shared data folder, say), into
+the user's cache folder instead (`user_cache_path`). Later calls read that cache. The train/test split is made per class
 at load time; both splits carry the miniImageNet normalization of `DATASET_STATS`.
 """
 
+import errno
+import hashlib
 import logging
 import os
 import zipfile
@@ -56,9 +59,23 @@ def load_miniimagenet(
     return _take(images, labels, train_idx), _take(images, labels, test_idx)
 
 
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""Why a cache may not be written next to the zip: the data folder is read-only."""
+
+
 def cache_path(root: Path, image_size: int) -> Path:
-    """Where the decoded images of `<root>/miniImageNet.zip` at `image_size` pixels are cached."""
+    """Where the decoded images of `<root>/miniImageNet.zip` at `image_size` pixels are cached
+    when `root` is writable."""
     return Path(root) / f"miniImageNet_{image_size}px.npz"
+
+
+def user_cache_path(zip_path: Path, image_size: int) -> Path:
+    """Where they are cached when the zip's folder is read-only: the user's cache folder
+    (`$XDG_CACHE_HOME`, else `~/.cache`), in a folder of its own per zip (named by a digest of the
+    zip's absolute path, so two data folders never share a cache)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    zip_id = hashlib.blake2b(str(Path(zip_path).resolve()).encode(), digest_size=8).hexdigest()
+    return base / "dst-continual" / "miniImageNet" / zip_id / f"miniImageNet_{image_size}px.npz"
 
 
 def _split_indices(
@@ -109,13 +126,23 @@ def _load_or_decode(zip_path: Path, image_size: int,
                     test_per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The decoded images from the cache, or decoded from the zip (after checking, from its listing
     alone, that every class has enough images for `test_per_class`) and then cached."""
-    cache = cache_path(zip_path.parent, image_size)
+    beside, elsewhere = cache_path(zip_path.parent, image_size), user_cache_path(zip_path, image_size)
     key = _zip_key(zip_path)
-    cached = _read_cache(cache, key, image_size)
-    if cached is not None:
-        return cached
+    for cache in (beside, elsewhere):
+        cached = _read_cache(cache, key, image_size)
+        if cached is not None:
+            return cached
     images, labels, files, classes = _decode_zip(zip_path, image_size, test_per_class)
-    _write_cache(cache, key, image_size, images, labels, files, classes)
+    arrays = (images, labels, files, classes)
+    if not _write_cache(beside, key, image_size, *arrays, read_only_ok=True):
+        logger.info("the data folder %s is read-only: caching the decoded images in %s instead",
+                    zip_path.parent, elsewhere)
+        try:
+            elsewhere.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            logger.warning("could not make %s (%s): the zip will be decoded again next time", elsewhere.parent, exc)
+        else:
+            _write_cache(elsewhere, key, image_size, *arrays)
     return images, labels, classes
 
 
@@ -150,9 +177,11 @@ def _write_cache(
     labels: np.ndarray,
     files: list[str],
     classes: list[str],
-) -> None:
+    read_only_ok: bool = False,
+) -> bool:
     """Write the cache whole or not at all (`write_atomically`: several runs of a sweep may write
-    it at once); warn if impossible."""
+    it at once); warn if impossible. False, without a warning, when `read_only_ok` and the folder is
+    read-only (the caller writes it elsewhere); otherwise True."""
 
     def write(f: BinaryIO) -> None:
         np.savez(
@@ -170,11 +199,14 @@ def _write_cache(
     try:
         write_atomically(cache, write, shared=True)
     except OSError as exc:
+        if read_only_ok and exc.errno in READ_ONLY:
+            return False
         logger.warning(
             "could not write cache %s (%s): the zip will be decoded again next time", cache, exc
         )
-        return
+        return True
     logger.info("cached decoded miniImageNet images in %s", cache)
+    return True
 
 
 def _list_jpegs(zf: zipfile.ZipFile, zip_path: Path) -> tuple[list[str], np.ndarray, list[str]]:

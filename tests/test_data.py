@@ -25,7 +25,7 @@ from data import (DATASET_STATS, DataError, Normalization, Split, TensorLoader, 
 from data.cifar100 import load_cifar100
 from data import miniimagenet
 from data.loader import batch_bounds
-from data.miniimagenet import cache_path, load_miniimagenet
+from data.miniimagenet import cache_path, load_miniimagenet, user_cache_path
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_CIFAR = REAL_DATA / "cifar-100-python"
@@ -312,6 +312,71 @@ def test_miniimagenet_labels_and_split_follow_sorted_names(tmp_path, seed):
         assert file_number(in_test).tolist() == expected_test.tolist()
         expected_train = np.setdiff1d(np.arange(GEN_CLASSES[wnid]), expected_test)
         assert file_number(in_train).tolist() == expected_train.tolist()
+
+
+@pytest.fixture
+def read_only_folder(monkeypatch):
+    """Make a folder read-only (chmod 0o555). Root ignores permission bits, so for root the kernel's
+    refusal is emulated: the cache writer gets EACCES for a file in the folder, as anyone else would."""
+    made: list[Path] = []
+
+    def make(folder: Path) -> Path:
+        folder.chmod(0o555)
+        made.append(folder)
+        if os.geteuid() == 0:
+            real = miniimagenet.write_atomically
+
+            def refuse_in_folder(path, write, **kwargs):
+                if Path(path).parent in made:
+                    raise PermissionError(13, "Permission denied", str(path))
+                return real(path, write, **kwargs)
+
+            monkeypatch.setattr(miniimagenet, "write_atomically", refuse_in_folder)
+        return folder
+
+    yield make
+    for folder in made:
+        folder.chmod(0o755)
+
+
+def test_miniimagenet_read_only_data_folder_caches_in_the_user_cache(tmp_path, monkeypatch, read_only_folder,
+                                                                     open_calls, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    write_mini_zip(data_dir / "miniImageNet.zip", GEN_CLASSES)
+    before = tree(data_dir)
+    read_only_folder(data_dir)
+
+    with caplog.at_level("INFO", logger="data"):
+        train, test = load_miniimagenet(data_dir, test_per_class=GEN_TEST_PER_CLASS)
+    cache = user_cache_path(data_dir / "miniImageNet.zip", 32)
+    assert cache.is_file() and cache.is_relative_to(tmp_path / "xdg")
+    assert tree(data_dir) == before  # nothing written into the read-only folder
+    said = [r.getMessage() for r in caplog.records if "read-only" in r.getMessage()]
+    assert len(said) == 1 and str(cache) in said[0]
+
+    open_calls.clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="data"):
+        train2, test2 = load_miniimagenet(data_dir, test_per_class=GEN_TEST_PER_CLASS)
+    assert open_calls == []  # served from the user cache
+    assert not any("read-only" in r.getMessage() for r in caplog.records)
+    for a, b in ((train, train2), (test, test2)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # Another data folder with its own zip never shares that cache.
+    assert user_cache_path(tmp_path / "other" / "miniImageNet.zip", 32) != cache
+
+
+def test_miniimagenet_cache_beside_a_read_only_zip_is_read(tmp_path, monkeypatch, read_only_folder, open_calls):
+    """A data folder prepared with its cache (a shared one, say) is read as it is, even read-only."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    write_mini_zip(tmp_path / "miniImageNet.zip", GEN_CLASSES)
+    load_miniimagenet(tmp_path, test_per_class=GEN_TEST_PER_CLASS)
+    read_only_folder(tmp_path)
+    open_calls.clear()
+    load_miniimagenet(tmp_path, test_per_class=GEN_TEST_PER_CLASS)
+    assert open_calls == [] and not (tmp_path / "xdg").exists()
 
 
 def test_miniimagenet_image_size_and_separate_caches(tmp_path):
