@@ -14,9 +14,11 @@ from utils.metrics import (
     average_forgetting,
     average_fwt,
     bwt_per_task,
+    chance_accuracy,
     final_accuracy,
     format_report,
     forgetting,
+    fwt_above_chance,
     fwt_per_task,
     incremental_accuracy,
     summarize,
@@ -36,6 +38,9 @@ A3 = np.array(
 #   acc   = (60+85+75)/3                                   = 73.333...
 #   inc   = [80, (70+90)/2, (60+85+75)/3]                  = [80, 80, 73.333...]
 #   forg. = [max(80,70)-60, 90-85]                         = [20, 5];      average 12.5
+# With 4 classes a task (chance 25 %), GEM's FWT with chance for the untrained network:
+#   next-task probes A[0, 1], A[1, 2] = 10, 30  ->  ((10-25) + (30-25)) / 2 = -5
+#   (not the authors' average minus chance, 22.5 - 25 = -2.5: they average every later task)
 
 
 def test_bwt_per_task_by_hand() -> None:
@@ -183,14 +188,15 @@ def test_metrics_do_not_modify_the_input() -> None:
 
 
 def test_summarize_is_json_ready_and_matches_the_functions() -> None:
-    summary = summarize(A3)
-    assert set(summary) >= {"acc", "bwt", "bwt_per_task", "fwt", "fwt_per_task", "inc_acc",
+    summary = summarize(A3, classes_per_task=4)
+    assert set(summary) >= {"acc", "bwt", "bwt_per_task", "fwt", "fwt_per_task", "fwt_above_chance", "inc_acc",
                             "forgetting"}
     assert summary["acc"] == pytest.approx(220.0 / 3)
     assert summary["bwt"] == -12.5
     assert summary["bwt_per_task"] == [0.0, -10.0, -12.5]
     assert summary["fwt"] == 22.5
     assert summary["fwt_per_task"] == [15.0, 30.0, 0.0]
+    assert summary["fwt_above_chance"] == -5.0
     assert summary["inc_acc"] == pytest.approx([80.0, 80.0, 220.0 / 3])
     assert summary["forgetting"] == 12.5
     assert summary["forgetting_per_task"] == [20.0, 5.0]
@@ -235,3 +241,55 @@ def test_format_report_aligns_columns_of_different_widths() -> None:
     assert len(lines[0]) == len(lines[1])
     # each column's last character lines up
     assert lines[0].index("100.00") + len("100.00") == lines[1].index("5.00") + len("5.00")
+
+
+# ---------------------------------------------------------------- FWT: the authors' probe and above chance
+
+
+def test_chance_is_100_over_the_classes_of_a_task() -> None:
+    assert chance_accuracy(5) == 20.0
+    assert chance_accuracy(1) == 100.0
+    with pytest.raises(ValueError, match="classes_per_task"):
+        chance_accuracy(0)
+
+
+def test_fwt_above_chance_by_hand() -> None:
+    assert fwt_above_chance(A3, 4) == -5.0
+    assert fwt_above_chance(A3, 10) == 10.0  # ((10-10) + (30-10)) / 2
+    assert average_fwt(A3) == 22.5  # the authors' figure is unchanged
+
+
+def test_fwt_above_chance_leaves_out_unmeasured_probes_and_needs_a_next_task() -> None:
+    A = A3.copy()
+    A[0, 1] = np.nan
+    assert fwt_above_chance(A, 4) == 5.0  # only A[1, 2] = 30 is left
+    A[1, 2] = np.nan
+    assert math.isnan(fwt_above_chance(A, 4))  # A[0, 2] is no next-task probe
+    assert math.isnan(fwt_above_chance([[55.5]], 4))
+    assert summarize([[55.5]], 4)["fwt_above_chance"] is None
+    assert summarize([[55.5]], 4)["fwt"] == 0.0  # the authors' convention for one task
+
+
+def test_summarize_without_the_split_has_no_fwt_above_chance() -> None:
+    summary = summarize(A3)
+    assert summary["fwt_above_chance"] is None
+    assert {key: value for key, value in summary.items() if key != "fwt_above_chance"} == {
+        key: value for key, value in summarize(A3, 4).items() if key != "fwt_above_chance"}
+
+
+def test_format_report_says_what_the_fwt_is_and_gives_it_above_chance() -> None:
+    report = format_report(A3, classes_per_task=4)
+    meaning = ("Average FWT:\n 22.50\n (authors' probe: accuracy on tasks not yet trained, their labels mapped onto "
+               "the trained task's classes, chance 25.00 %; not a transfer difference)\n")
+    assert meaning in report
+    above = report.split("FWT above chance (", 1)[1]
+    assert above.startswith("GEM's FWT, Lopez-Paz & Ranzato 2017,")
+    assert "):\n -5.00\n\nACC (mean of final row): 73.33" in above
+    assert report.index("Average FWT:") < report.index("FWT above chance") < report.index("ACC (mean")
+
+
+def test_format_report_without_the_split_says_what_the_fwt_is_without_chance() -> None:
+    report = format_report(A3)
+    assert ("Average FWT:\n 22.50\n (authors' probe: accuracy on tasks not yet trained, their labels mapped onto "
+            "the trained task's classes; not a transfer difference)\n") in report
+    assert "chance" not in report

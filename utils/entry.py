@@ -49,6 +49,6 @@ def main(benchmark: str, argv: Sequence[str] | None = None) -> int:
         print("interrupted before training began; nothing was trained (saved files, if any, are unchanged)",
               file=sys.stderr)
         return 130
-    print(format_report(results["acc_matrix"]))
+    print(format_report(results["acc_matrix"], config.num_classes_per_task))
     print(f"results written to {config.output_dir}")
     return 0

@@ -23,8 +23,8 @@ from utils.cli import Config
 from utils.environment import environment
 from utils.errors import NonFiniteLoss, RunStopped
 from utils.evaluation import EvaluatedNetworks, evaluate_row
-from utils.metrics import (AGNOSTIC_KEYS, METRIC_KEYS, format_agnostic_report, format_report, summarize,
-                           summarize_agnostic)
+from utils.metrics import (AGNOSTIC_KEYS, METRIC_KEYS, format_agnostic_report, format_report, fwt_meaning,
+                           summarize, summarize_agnostic)
 from utils.stopping import StopRequest
 from utils.task_inference import TaskInference
 from utils.train import Task, train_task
@@ -121,10 +121,11 @@ class Experiment:
             if stop is not None and stop.requested and t + 1 < config.num_tasks:
                 raise self.stopped(f"{stop.name} after task {t + 1}")
         results = self.write_results()
-        acc, bwt, fwt, agnostic = (("n/a" if results[key] is None else f"{results[key]:.2f}")
-                                   for key in ("acc", "bwt", "fwt", "acc_agnostic"))
-        log.info("finished %d tasks: ACC %s %%, BWT %s, FWT %s, task-agnostic ACC %s %% (%s); results in %s",
-                 config.num_tasks, acc, bwt, fwt, agnostic, config.task_inference, out)
+        acc, bwt, fwt, above, agnostic = (("n/a" if results[key] is None else f"{results[key]:.2f}")
+                                          for key in ("acc", "bwt", "fwt", "fwt_above_chance", "acc_agnostic"))
+        log.info("finished %d tasks: ACC %s %%, BWT %s, FWT %s (%s), FWT above chance %s (GEM's, with chance for an "
+                 "untrained network), task-agnostic ACC %s %% (%s); results in %s", config.num_tasks, acc, bwt, fwt,
+                 fwt_meaning(config.num_classes_per_task), above, agnostic, config.task_inference, out)
         return results
 
     def stopped(self, where: str) -> RunStopped:
@@ -188,12 +189,13 @@ class Experiment:
             **({"stopped": stopped, "resumable": resumable} if stopped else {}),
             "config": self.config.to_dict(),
             "acc_matrix": [[None if math.isnan(v) else v for v in row] for row in acc.tolist()],
-            **(summarize(acc[:done, :done]) if done else dict.fromkeys(METRIC_KEYS)),
+            **(summarize(acc[:done, :done], self.config.num_classes_per_task) if done
+               else dict.fromkeys(METRIC_KEYS)),
             **self.agnostic_results(),
             "per_task": self.records,
             "environment": environment(self.accel.device),
         }
-        report = format_report(acc[:done, :done]) if done else "no task finished"
+        report = format_report(acc[:done, :done], self.config.num_classes_per_task) if done else "no task finished"
         if results["acc_agnostic"] is not None:
             report += "\n\n" + format_agnostic_report(self.acc_agnostic[:done, :done], results["task_id_accuracy"],
                                                        self.config.task_inference, self.config.test_batch_size)

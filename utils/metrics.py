@@ -16,6 +16,18 @@ the diagonal is a bug in the caller and raises ``ValueError``.
 The BWT, FWT and "Average" definitions reproduce the authors' script exactly, so numbers are
 comparable with the paper; ``incremental_accuracy`` and ``forgetting`` follow the standard
 definitions (documented on each function).
+
+FWT, two figures. The authors' FWT (``fwt_per_task``, ``average_fwt``; ``fwt`` in results.json)
+is an absolute accuracy, not a transfer difference: the probe's accuracy on tasks not yet
+trained, to be read against chance, ``100 / classes_per_task`` (``chance_accuracy``). The
+standard forward transfer (GEM, Lopez-Paz & Ranzato 2017) is ``mean_{i>=1} (A[i-1, i] - b_i)``
+with ``b_i`` the accuracy of a randomly initialised network on task ``i``. No run here measures
+``b_i``; its expectation is exactly chance (an untrained classifier treats the task's class slots
+alike: every test image is assigned its own class with probability ``1 / classes_per_task``).
+``fwt_above_chance`` is GEM's formula with that expectation in place of a measured ``b_i``:
+computed exactly from the matrix and the split, it differs from a measured GEM FWT only by the
+noise of ``b_i`` around chance. Positive = the previous task's network classifies the next task
+better than chance.
 """
 
 from __future__ import annotations
@@ -98,6 +110,27 @@ def average_fwt(A: ArrayLike) -> float:
     return _nanmean(fwt[:-1]) if fwt.size > 1 else 0.0
 
 
+def chance_accuracy(classes_per_task: int) -> float:
+    """100 / classes_per_task: the expected accuracy (percent) on a task of a network not trained
+    on it; what the authors' FWT probe is to be compared with."""
+    if classes_per_task < 1:
+        raise ValueError(f"classes_per_task must be >= 1, got {classes_per_task}")
+    return 100.0 / classes_per_task
+
+
+def fwt_above_chance(A: ArrayLike, classes_per_task: int) -> float:
+    """GEM's forward transfer with chance for the untrained network's accuracy (module docstring).
+
+    ``mean_{i=1}^{T-1} (A[i-1, i] - chance_accuracy(classes_per_task))``: the probe of task
+    ``i-1``'s network on the next task ``i`` (the first superdiagonal; the authors' FWT averages
+    all later tasks instead), minus chance. Unmeasured probes are left out; NaN when none is
+    measured, and when T == 1 (no next task).
+    """
+    matrix = accuracy_matrix(A)
+    chance = chance_accuracy(classes_per_task)
+    return _nanmean(np.diag(matrix, k=1) - chance)
+
+
 def final_accuracy(A: ArrayLike) -> float:
     """ACC: the mean test accuracy over all T tasks after the last task (mean of the final row)."""
     matrix = accuracy_matrix(A)
@@ -144,25 +177,29 @@ def _json_list(values: np.ndarray) -> list[float | None]:
     return [_json_float(float(v)) for v in values]
 
 
-METRIC_KEYS = ("acc", "bwt", "bwt_per_task", "fwt", "fwt_per_task", "inc_acc", "forgetting",
+METRIC_KEYS = ("acc", "bwt", "bwt_per_task", "fwt", "fwt_per_task", "fwt_above_chance", "inc_acc", "forgetting",
                "forgetting_per_task")
 """The keys of `summarize`."""
 
 
-def summarize(A: ArrayLike) -> dict[str, Any]:
+def summarize(A: ArrayLike, classes_per_task: int | None = None) -> dict[str, Any]:
     """All named metrics of ``A`` as a JSON-ready dict (python floats; NaN becomes None).
 
     Keys: ``acc`` (final_accuracy), ``bwt`` (average_bwt), ``bwt_per_task``, ``fwt``
-    (average_fwt), ``fwt_per_task``, ``inc_acc`` (incremental_accuracy, a list),
-    ``forgetting`` (average_forgetting) and ``forgetting_per_task`` (forgetting, a list).
+    (average_fwt: the authors' probe, an accuracy), ``fwt_per_task``, ``fwt_above_chance``
+    (fwt_above_chance; None when ``classes_per_task`` is not given), ``inc_acc``
+    (incremental_accuracy, a list), ``forgetting`` (average_forgetting) and
+    ``forgetting_per_task`` (forgetting, a list).
     """
     matrix = accuracy_matrix(A)
+    above = math.nan if classes_per_task is None else fwt_above_chance(matrix, classes_per_task)
     return {
         "acc": _json_float(final_accuracy(matrix)),
         "bwt": _json_float(average_bwt(matrix)),
         "bwt_per_task": _json_list(bwt_per_task(matrix)),
         "fwt": _json_float(average_fwt(matrix)),
         "fwt_per_task": _json_list(fwt_per_task(matrix)),
+        "fwt_above_chance": _json_float(above),
         "inc_acc": _json_list(incremental_accuracy(matrix)),
         "forgetting": _json_float(average_forgetting(matrix)),
         "forgetting_per_task": _json_list(forgetting(matrix)),
@@ -177,13 +214,28 @@ def _row(values: np.ndarray, width: int) -> str:
     return " " + "  ".join(_cell(float(v)).rjust(width) for v in values)
 
 
-def format_report(A: ArrayLike) -> str:
+def fwt_meaning(classes_per_task: int | None = None) -> str:
+    """What the authors' FWT is, in words, with chance when the split is known."""
+    chance = "" if classes_per_task is None else f", chance {chance_accuracy(classes_per_task):.2f} %"
+    return ("authors' probe: accuracy on tasks not yet trained, their labels mapped onto the trained task's "
+            f"classes{chance}; not a transfer difference")
+
+
+def fwt_above_chance_meaning(classes_per_task: int) -> str:
+    """What `fwt_above_chance` is, in words."""
+    return (f"GEM's FWT, Lopez-Paz & Ranzato 2017, with chance for an untrained network's accuracy: "
+            f"each task's probe on the next task minus {chance_accuracy(classes_per_task):.2f} %, averaged")
+
+
+def format_report(A: ArrayLike, classes_per_task: int | None = None) -> str:
     """The text the authors' script prints, with the same headings in the same order.
 
     ACCURACY MATRIX, INCREMENTAL ACCURACY, BWT, FWT, Average BWT, Average FWT, each heading on
     its own line followed by its values, then a last line ``ACC (mean of final row): x.xx``.
     Numbers have 2 decimals, matrix columns are right-aligned, unmeasured entries show as ``-``.
-    The text has no trailing newline.
+    The text has no trailing newline. Added to the authors' text: a line after the Average FWT
+    saying what it is (`fwt_meaning`) and, when ``classes_per_task`` is given, a section
+    ``FWT above chance (...)`` (`fwt_above_chance`) before the last line.
     """
     matrix = accuracy_matrix(A)
     vectors = {
@@ -195,7 +247,10 @@ def format_report(A: ArrayLike) -> str:
     sections = ["ACCURACY MATRIX:\n" + "\n".join(_row(row, width) for row in matrix)]
     sections += [f"{heading}:\n" + _row(values, width) for heading, values in vectors.items()]
     sections.append(f"Average BWT:\n {_cell(average_bwt(matrix))}")
-    sections.append(f"Average FWT:\n {_cell(average_fwt(matrix))}")
+    sections.append(f"Average FWT:\n {_cell(average_fwt(matrix))}\n ({fwt_meaning(classes_per_task)})")
+    if classes_per_task is not None:
+        sections.append(f"FWT above chance ({fwt_above_chance_meaning(classes_per_task)}):\n"
+                        f" {_cell(fwt_above_chance(matrix, classes_per_task))}")
     sections.append(f"ACC (mean of final row): {_cell(final_accuracy(matrix))}")
     return "\n\n".join(sections)
 
