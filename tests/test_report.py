@@ -8,7 +8,9 @@ not results of any experiment. The report on real runs is tested in test_sweep.p
 import csv
 import io
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -178,6 +180,56 @@ def test_a_table_mixing_settings_says_so(tmp_path):
     assert "| ERK + random | 51.00 ± 1.41 (n=2) | 0.00 ± 0.00 |" in text
 
 
+def two_splits(root: Path) -> None:
+    """Fixture runs of 2 tasks: two seeds with 2 classes a task, one with 5."""
+    for seed, acc in enumerate((70.0, 74.0)):
+        fake_run(root / f"x2_s{seed}", acc, num_tasks=2, num_classes=4, num_classes_per_task=2, seed=seed)
+    fake_run(root / "x5_s0", 40.0, num_tasks=2, num_classes=10, num_classes_per_task=5)
+
+
+def test_runs_of_different_splits_get_tables_of_their_own(tmp_path):
+    two_splits(tmp_path)
+    text = run_report(tmp_path, "--no-figures")
+    tables = markdown_tables(text)
+    assert tables["cifar100, 2 tasks x 2 classes"][1] == ["ERK + random", expected_cell([70.0, 74.0]), "0.00 ± 0.00"]
+    assert tables["cifar100, 2 tasks x 5 classes"][1] == ["ERK + random", "40.00 (n=1)", "0.00"]
+    assert len(tables) == 2
+    assert "Warning" not in text  # the split is the tables' own, not a setting the cells mix
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())))
+    assert sorted(row["num_classes_per_task"] for row in rows) == ["2", "2", "5"]
+
+
+def test_figures_of_different_splits_have_different_names(tmp_path):
+    pytest.importorskip("matplotlib")
+    two_splits(tmp_path / "runs")
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    names = sorted(path.name for path in (tmp_path / "out" / "figures").glob("*.png"))
+    assert names == ["cifar100_2tasks_x2_acc_vs_sparsity.png", "cifar100_2tasks_x2_capacity.png",
+                     "cifar100_2tasks_x5_acc_vs_sparsity.png", "cifar100_2tasks_x5_capacity.png"]
+
+
+def test_csv_has_fwt_above_chance_from_the_results_or_computed_from_the_matrix(tmp_path):
+    """Fixture runs with forward-transfer probes: one whose results.json has the key, one from
+    before it existed (computed: probe 30 % on the next task - chance 20 % with 5 classes a task)."""
+    for name, stored in (("stored", {"fwt_above_chance": 12.5}), ("computed", {})):
+        results = fake_run(tmp_path / name, 50.0, num_tasks=2, num_classes=10, num_classes_per_task=5)
+        results["acc_matrix"][0][1] = 30.0
+        (tmp_path / name / "results.json").write_text(json.dumps({**results, **stored}))
+    run_report(tmp_path, "--no-figures")
+    rows = {Path(row["run"]).name: row for row in csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text()))}
+    assert (rows["stored"]["fwt"], rows["stored"]["fwt_above_chance"]) == ("10.0", "12.5")
+    assert float(rows["computed"]["fwt_above_chance"]) == pytest.approx(10.0)
+
+
+def test_the_readmes_report_folder_is_not_committed():
+    """README: `python -m utils.report runs --out reports`; the folder is git-ignored."""
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("reports/report.md", "reports/figures/acc_matrix/run.png"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 0, f"{path} is not ignored"
+
+
 def test_capacity_stack_splits_the_backbone_into_parts_summing_to_one():
     records = [{"capacity_used": 0.2, "capacity_reused": 0.0, "capacity_free": 0.8},
                {"capacity_used": 0.35, "capacity_reused": 0.05, "capacity_free": 0.65}]
@@ -195,9 +247,9 @@ def test_figures_are_png_images(runs_dir, tmp_path, capsys):
     heatmaps = sorted((figures / "acc_matrix").glob("*.png"))
     assert len(heatmaps) == 33  # every run with a results.json, the failed one included
     assert (figures / "acc_matrix" / "grid__ERK_random_d0.2_s0.png") in heatmaps
-    expected = [figures / "cifar100_3tasks_acc_vs_sparsity.png", figures / "cifar100_3tasks_capacity.png",
-                figures / "cifar100_5tasks_acc_vs_sparsity.png", figures / "cifar100_5tasks_acc_agnostic_vs_sparsity.png",
-                figures / "cifar100_5tasks_capacity.png"]
+    expected = [figures / f"cifar100_{name}.png" for name in (
+        "3tasks_x10_acc_vs_sparsity", "3tasks_x10_capacity", "5tasks_x10_acc_vs_sparsity",
+        "5tasks_x10_acc_agnostic_vs_sparsity", "5tasks_x10_capacity")]
     for path in [heatmaps[0], *expected]:
         with Image.open(path) as image:
             image.verify()
@@ -205,7 +257,7 @@ def test_figures_are_png_images(runs_dir, tmp_path, capsys):
             assert image.format == "PNG" and image.width >= 250 and image.height >= 200, path
     assert not list(out.rglob(".*tmp*"))  # no temporary files left
     text = (out / "report.md").read_text()
-    assert "![cifar100_3tasks_capacity](figures/cifar100_3tasks_capacity.png)" in text
+    assert "![cifar100_3tasks_x10_capacity](figures/cifar100_3tasks_x10_capacity.png)" in text
     assert not (runs_dir / "report.md").exists()  # --out, not the runs folder
 
 

@@ -8,10 +8,11 @@
 Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS_DIR):
 
 ``report.md``
-    One table per benchmark (dataset x number of tasks). Rows: sparse_init x growth of the
-    isolated dynamic-sparse runs, then a row per baseline found: static sparse (update_frequency
-    0, per init), sparse fine-tuning (isolate false, per init and growth) and dense fine-tuning
-    (sparse false; its column is 0 % sparsity). Columns: sparsity = 1 - density (0.2, 0.1, 0.05 ->
+    One table per benchmark (dataset x number of tasks x classes per task: runs of different
+    splits never share a table). Rows: sparse_init x growth of the isolated dynamic-sparse runs,
+    then a row per baseline found: static sparse (update_frequency 0, per init), sparse
+    fine-tuning (isolate false, per init and growth) and dense fine-tuning (sparse false; its
+    column is 0 % sparsity). Columns: sparsity = 1 - density (0.2, 0.1, 0.05 ->
     80 %, 90 %, 95 %). Cells: the final ACC (%), mean ± std over the runs (seeds) with their number
     n; std is the sample standard deviation (n - 1) and is left out when n = 1. The BWT column is
     mean ± std over all of the row's runs. Below each table: the settings its runs share, and a
@@ -24,10 +25,14 @@ Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS
 ``report.csv``
     One row per run, failed and unfinished ones included (column ``status``): the settings, the
     table row and sparsity it belongs to, the metrics, and its directory. A table cell is the set
-    of ``complete`` rows sharing dataset, num_tasks, row and sparsity_percent.
+    of ``complete`` rows sharing dataset, num_tasks, num_classes_per_task, row and sparsity_percent.
+    ``fwt`` is the authors' FWT: an accuracy (their probe on tasks not yet trained), to be read
+    against chance, 100 / num_classes_per_task; ``fwt_above_chance`` is GEM's forward transfer
+    with chance for an untrained network's accuracy (both defined in utils/metrics.py).
 ``figures/`` (needs matplotlib: ``pip install -r requirements-figures.txt``; skipped otherwise)
     ``acc_matrix/<run>.png``: each run's accuracy matrix (percent; row i = after task i).
-    ``<benchmark>_acc_vs_sparsity.png``: ACC against sparsity, one line per table row (± std);
+    ``<benchmark>_acc_vs_sparsity.png``, ``<benchmark>`` = ``<dataset>_<T>tasks_x<classes per task>``
+    (e.g. ``cifar100_10tasks_x10``): ACC against sparsity, one line per table row (± std);
     ``<benchmark>_acc_agnostic_vs_sparsity.png``: the same for the task-agnostic ACC (if measured).
     ``<benchmark>_capacity.png``: the backbone after each task, stacked: weights reused by the
     task from earlier tasks / new in the task / used only by earlier tasks / still free; one panel
@@ -53,21 +58,21 @@ from typing import Any
 
 from sparselearning import write_atomically
 from utils.cli import RESULT_NEUTRAL_SETTINGS
+from utils.metrics import fwt_above_chance
 from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, FINGERPRINT, PROGRESS_FILE, RESULTS_FILE, write_text
 
 FIGURES_HINT = "pip install -r requirements-figures.txt"
 INIT_ORDER = ("ERK", "uniform")
 GROWTH_ORDER = ("random", "unfired", "momentum", "gradient")
-SHOWN_SETTINGS = ("num_classes_per_task", "epochs", "update_frequency", "max_batches", "task_inference",
-                  "test_batch_size")
+SHOWN_SETTINGS = ("epochs", "update_frequency", "max_batches", "task_inference", "test_batch_size")
 # Settings that may differ between the runs of one table: the table's own axes, settings that
 # do not change results (those --resume accepts changed), and the data's fingerprint (recorded
 # with the config; it changes with the seed: miniImageNet's test split, a random class order).
-TABLE_AXES = ("dataset", "num_tasks", "sparse", "isolate", "sparse_init", "growth", "density", "seed",
-              *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
+TABLE_AXES = ("dataset", "num_tasks", "num_classes_per_task", "num_classes", "sparse", "isolate", "sparse_init",
+              "growth", "density", "seed", *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
 CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "sparse", "isolate", "sparse_init", "growth",
                 "density", "update_frequency", "epochs", "seed")
-CSV_METRICS = ("acc", "bwt", "fwt", "forgetting", "acc_agnostic", "bwt_agnostic")
+CSV_METRICS = ("acc", "bwt", "fwt", "fwt_above_chance", "forgetting", "acc_agnostic", "bwt_agnostic")
 
 
 # ---- runs ------------------------------------------------------------------------------------
@@ -82,8 +87,10 @@ class Run:
     results: dict[str, Any] | None = None
 
     @property
-    def benchmark(self) -> tuple[str, int]:
-        return self.config.get("dataset", "?"), self.config.get("num_tasks", 0)
+    def benchmark(self) -> tuple[str, int, int]:
+        """(dataset, number of tasks, classes per task): the runs of one table."""
+        config = self.config
+        return config.get("dataset", "?"), config.get("num_tasks", 0), config.get("num_classes_per_task", 0)
 
 
 def read_json(path: Path) -> Any:
@@ -168,7 +175,7 @@ def format_stats(s: Stats, with_n: bool = True) -> str:
 class Table:
     """The complete runs of one benchmark, by row label and sparsity."""
 
-    benchmark: tuple[str, int]
+    benchmark: tuple[str, int, int]
     runs: list[Run]
 
     def rows(self) -> list[str]:
@@ -196,8 +203,9 @@ class Table:
 
 
 def build_tables(runs: Sequence[Run]) -> list[Table]:
-    """One table per benchmark (dataset, number of tasks) of the complete runs, in name order."""
-    by_benchmark: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    """One table per benchmark (dataset, number of tasks, classes per task) of the complete runs,
+    in that order."""
+    by_benchmark: dict[tuple[str, int, int], list[Run]] = defaultdict(list)
     for run in runs:
         if run.status == "complete":
             by_benchmark[run.benchmark].append(run)
@@ -205,15 +213,14 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
 
 
 def benchmark_title(table: Table) -> str:
-    dataset, tasks = table.benchmark
-    per_task = sorted({run.config.get("num_classes_per_task") for run in table.runs}, key=str)
-    classes = " or ".join(str(k) for k in per_task)
+    dataset, tasks, classes = table.benchmark
     return f"{dataset}, {tasks} tasks x {classes} classes"
 
 
 def benchmark_slug(table: Table) -> str:
-    dataset, tasks = table.benchmark
-    return f"{dataset}_{tasks}tasks"
+    """The table's name in file names, e.g. cifar100_10tasks_x10."""
+    dataset, tasks, classes = table.benchmark
+    return f"{dataset}_{tasks}tasks_x{classes}"
 
 
 # ---- settings the runs of a table share ------------------------------------------------------
@@ -302,7 +309,7 @@ def left_out_section(runs: Sequence[Run]) -> str:
 
 
 def markdown_report(root: Path, runs: Sequence[Run], tables: Sequence[Table],
-                    figures: dict[tuple[str, int], list[Path]], figures_note: str) -> str:
+                    figures: dict[tuple[str, int, int], list[Path]], figures_note: str) -> str:
     counts = {status: sum(run.status == status for run in runs) for status in ("complete", "failed", "unfinished")}
     intro = (f"# Report of {root}\n\n{len(runs)} runs found: {counts['complete']} complete, "
              f"{counts['failed']} failed, {counts['unfinished']} unfinished. {figures_note}")
@@ -321,6 +328,8 @@ def csv_row(run: Run) -> dict[str, Any]:
     row["table_row"] = table_row(config)[1] if config else ""
     row["sparsity_percent"] = sparsity_percent(config) if "density" in config else ""
     row.update({key: "" if results.get(key) is None else results[key] for key in CSV_METRICS})
+    if results and results.get("fwt_above_chance") is None:  # results.json from before the key existed
+        row["fwt_above_chance"] = computed_fwt_above_chance(results)
     row["task_inference"] = config.get("task_inference", "")
     row["task_found"] = (results.get("task_id_accuracy") or [""])[-1]
     per_task = results.get("per_task") or []
@@ -329,6 +338,18 @@ def csv_row(run: Run) -> dict[str, Any]:
     row["task_seconds"] = sum(seconds) / len(seconds) if seconds else ""
     row["run"] = str(run.directory)
     return row
+
+
+def computed_fwt_above_chance(results: dict[str, Any]) -> float | str:
+    """`utils.metrics.fwt_above_chance` of the tasks done, from the matrix and the split; "" when
+    it cannot be computed (no task done, no next-task probe measured)."""
+    done = results.get("tasks_done", len(results["acc_matrix"]))
+    per_task = results["config"].get("num_classes_per_task")
+    if not done or not per_task:
+        return ""
+    matrix = [[math.nan if v is None else v for v in row[:done]] for row in results["acc_matrix"][:done]]
+    value = fwt_above_chance(matrix, per_task)
+    return "" if math.isnan(value) else value
 
 
 def to_csv(runs: Sequence[Run]) -> str:
@@ -497,7 +518,7 @@ def write_figures(plt, root: Path, out: Path, runs: Sequence[Run], tables: Seque
             acc = run.results.get("acc")
             title = f"{slug}: ACC {'-' if acc is None else f'{acc:.2f}'} %"
             plot_accuracy_matrix(plt, run, title, figures_dir / "acc_matrix" / f"{slug}.png")
-    made: dict[tuple[str, int], list[Path]] = {}
+    made: dict[tuple[str, int, int], list[Path]] = {}
     for table in tables:
         slug = benchmark_slug(table)
         paths = [figures_dir / f"{slug}_acc_vs_sparsity.png"]
