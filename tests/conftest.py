@@ -6,6 +6,11 @@ class-dependent colours so that a network can learn them.
 `device` is "cpu" always and "cuda" when a GPU is there (skipped otherwise): `pytest -k cuda`
 selects exactly the CUDA cases, which is how a GPU check runs them, so no other test may have
 "cuda" in its name or ids (`pytest_collection_modifyitems` refuses one that does).
+
+Tests start subprocesses with `run_process` / `start_process` (from `tests/suite_control.py`, the
+suite's plugin): each in a session of its own, killed whole when it ends, when the test ends or
+when the suite is interrupted; a test that signals its own process on purpose uses
+`send_to_this_process`.
 """
 
 import io
@@ -20,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.suite_control import run_process, send_to_this_process, start_process  # noqa: F401 (the tests' helpers)
 from utils import run_dir
 from utils.entry import main
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from utils import run_dir
+from tests.suite_control import send_to_this_process, start_process
 from utils.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def start(argv: list[str], stderr: Path, driver: str | None = None) -> subproces
     nobody reads while the run is going (a full pipe would block it)."""
     command = [sys.executable, "-c", driver, *argv] if driver else [sys.executable, "cifar100.py", *argv]
     with open(stderr, "w") as err:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        return start_process(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def wait_for_log_line(process: subprocess.Popen, log: Path, text: str, timeout: float = 300) -> None:
@@ -368,7 +369,7 @@ def test_a_stop_in_the_middle_of_an_epoch_continues_from_that_batch_bit_identica
     def step(self):
         steps.append(1)
         if len(steps) == 11:  # 9 steps per task (3 epochs x 3 batches): task 2, epoch 1, batch 2
-            os.kill(os.getpid(), signal.SIGTERM)
+            send_to_this_process(signal.SIGTERM)
         real_step(self)
 
     monkeypatch.setattr(Masking, "step", step)
@@ -452,7 +453,7 @@ def test_a_run_saved_on_another_kind_of_device_resumes_here(cifar_dir, tmp_path,
     def step(self):
         steps.append(1)
         if len(steps) == 9:  # 6 steps per task: task 2, epoch 2, batch 1
-            os.kill(os.getpid(), signal.SIGTERM)
+            send_to_this_process(signal.SIGTERM)
         real_step(self)
 
     monkeypatch.setattr(Masking, "step", step)

@@ -5,6 +5,11 @@ While a run trains, these signals only set a flag (`StopRequest`); the training 
 after every optimizer step, saves the task in progress, writes results.json marked incomplete and
 resumable, and the process exits with `EXIT_STOPPED`. A second signal while that happens is
 ignored: the saves finish (every file is written whole or not at all in any case).
+
+When the block ends, the signal is passed on to the handler that was there before, if a host
+installed one of its own (a test runner, an application running the experiment in-process): the
+host learns of it once the run has saved. Python's defaults (a run started from the command
+line) are not called, so the command line still exits with `EXIT_STOPPED`.
 """
 
 from __future__ import annotations
@@ -50,3 +55,11 @@ class StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.signal is not None and is_host_handler(previous[self.signal]):
+                previous[self.signal](self.signal, None)
+
+
+def is_host_handler(handler: object) -> bool:
+    """Whether `handler` (as `signal.signal` returned it) is a Python function a host installed,
+    not a default: SIG_DFL, SIG_IGN, Python's KeyboardInterrupt handler, or None (not set from Python)."""
+    return callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler)
