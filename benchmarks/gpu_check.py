@@ -2,6 +2,7 @@
 and summing up its sections afterwards.
 
     python -m benchmarks.gpu_check prepare --data_dir ../shared/data --into gpu_check_data
+    python -m benchmarks.gpu_check standin --into DIR        (--dry without gpu_check_data/)
     python -m benchmarks.gpu_check summarize --out DIR [--dry]
 
 `prepare` copies the first `--classes` CIFAR-100 classes (at most `--train_per_class` training
@@ -9,9 +10,14 @@ and `--test_per_class` test images each) from `<data_dir>/cifar-100-python/` int
 `<into>/cifar-100-python/` in the official pickle layout, so that the check's learning run reads
 real images through the project's own reader (30 classes of 200 + 100 images: about 28 MB).
 
+`standin` writes random images in the same layout (30 classes of 20 + 10): enough for --dry,
+which checks the plumbing, not the learning.
+
 `summarize` reads what the sections left in `--out` (sections.tsv: name, exit code, seconds,
-limit; benchmarks.json; learning/results.json) and writes gpu_check.json and gpu_check.md there;
-it exits 1 when a section failed or timed out (or, on a GPU, the learning run stayed at chance).
+limit; tests.log; benchmarks.json, written after every family; learning/results.json, written
+after every task) and writes gpu_check.json and gpu_check.md there, with what each section
+finished (so a timed-out one still reports its part); it exits 1 when a section failed or timed
+out (or, on a GPU, the learning run stayed at chance).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import math
 import pickle
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.workload import write_standin_cifar100
 from data.cifar100 import FOLDER
 from utils.environment import device_name
 from utils.run_dir import write_json, write_text
@@ -82,6 +90,34 @@ def section_status(name: str, code: int, dry: bool) -> str:
     return "passed" if code == 0 else f"failed (exit code {code})"
 
 
+TEST_OUTCOME = re.compile(r"^\S+::\S+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")  # pytest -v's lines
+
+
+def tests_finished(log: Path) -> dict[str, int]:
+    """How many tests ended with each outcome, from pytest -v's log (complete or cut off)."""
+    counts: dict[str, int] = {}
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            if match := TEST_OUTCOME.match(line):
+                counts[match[1].lower()] = counts.get(match[1].lower(), 0) + 1
+    return counts
+
+
+def finished_part(name: str, out: Path) -> dict[str, Any] | None:
+    """What a section got done, from what it wrote as it went: tests by outcome, the benchmark
+    families measured, the learning run's tasks."""
+    if name == "tests":
+        return tests_finished(out / "tests.log")
+    if name == "benchmarks":
+        report = read_json(out / "benchmarks.json")
+        return None if report is None else {"families": report.get("families_done", []),
+                                             "complete": report.get("complete", False)}
+    if name == "learning":
+        results = read_json(out / "learning" / "results.json")
+        return None if results is None else {"tasks": results.get("tasks_done"), "complete": results.get("complete")}
+    return None
+
+
 def read_sections(out: Path, dry: bool) -> dict[str, dict[str, Any]]:
     sections = {}
     for line in (out / "sections.tsv").read_text().splitlines():
@@ -90,7 +126,8 @@ def read_sections(out: Path, dry: bool) -> dict[str, dict[str, Any]]:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
         sections[name] = {"status": section_status(name, int(code), dry), "exit_code": int(code),
                           "seconds": round(float(seconds), 1), "limit_seconds": int(limit),
-                          "log": log.name, "last_line": tail[0] if tail else ""}
+                          "log": log.name, "last_line": tail[0] if tail else "",
+                          "finished": finished_part(name, out)}
     return sections
 
 
@@ -99,7 +136,7 @@ def benchmark_figures(report: dict | None) -> dict[str, Any] | None:
     if report is None:
         return None
     targets = {key: {"value": report.get(key), "target": f"{t['op']} {t['value']:g}",
-                     "passed": report["passed"].get(key)} for key, t in report["targets"].items()}
+                     "passed": report.get("passed", {}).get(key)} for key, t in report.get("targets", {}).items()}
     return {"target_kind": report.get("target_kind"), "quick": report.get("quick"), "targets": targets,
             "figures": {key: report[key] for key in HEADLINE if key in report},
             "total_seconds": report.get("total_seconds")}
@@ -155,8 +192,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# GPU check{' (dry run on a CPU)' if report['dry'] else ''}: "
              f"{'passed' if report['passed'] else 'FAILED: ' + ', '.join(report['failed_sections'])}", "",
              f"{report['gpu'] or 'no GPU'}; torch {report['torch']}, CUDA {report['cuda']}, cuDNN {report['cudnn']}, "
-             f"Python {report['python']}", "", "| section | status | seconds | limit |", "|---|---|---|---|"]
-    lines += [f"| {name} | {s['status']} | {s['seconds']} | {s['limit_seconds']} |"
+             f"Python {report['python']}", "", "| section | status | seconds | limit | finished |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {s['status']} | {s['seconds']} | {s['limit_seconds']} | {cell(s['finished'])} |"
               for name, s in report["sections"].items()]
     bench = report["benchmarks"]
     if bench:
@@ -189,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep.add_argument("--classes", type=int, default=30)
     prep.add_argument("--train_per_class", type=int, default=200)
     prep.add_argument("--test_per_class", type=int, default=100)
+    standin = commands.add_parser("standin", help="random images in the subset's layout, for --dry")
+    standin.add_argument("--into", type=Path, required=True)
     summary = commands.add_parser("summarize", help="write gpu_check.json and gpu_check.md")
     summary.add_argument("--out", type=Path, required=True)
     summary.add_argument("--dry", action="store_true")
@@ -199,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FileNotFoundError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        return 0
+    if args.command == "standin":
+        write_standin_cifar100(args.into, train_per_class=20, test_per_class=10)
         return 0
     return summarize(args.out, args.dry)
 
