@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import checkpoint, concurrent, data_pipeline, loop, memory, step, syncs, topology, whole_run
-from benchmarks.report import Result, format_table, targets_for, verdicts
+from benchmarks.report import QUICK_REASON, Result, format_table, targets_for, verdicts, without_derived
 from benchmarks.workload import DEFAULT, QUICK, SHARED_DATA, has_cifar100, load_workload, write_standin_cifar100
 from data import DataError
 from utils.environment import environment
@@ -70,22 +70,28 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
     print(f"machine: {machine['device_name']}, {machine['cpu_cores']} cores, {machine['cpu_threads']} torch threads, "
           f"torch {machine['torch']}, device {machine['device']}; load average {load_before:.2f}")
     print(f"data: {source}" + ("; --quick: a smoke test, not figures" if args.quick else ""), flush=True)
-    rows, figures = [], {}
+    rows, figures, done = [], {}, []
+    targets = targets_for(work.device)
+    header = {"targets": {key: target.to_dict() for key, target in targets.items()},
+              "target_kind": "cuda" if work.device.type == "cuda" else "cpu", "machine": machine,
+              "data_source": source, "quick": args.quick, **({"quick_reason": QUICK_REASON} if args.quick else {})}
+    shown = without_derived if args.quick else (lambda figures: figures)
     for i, name in enumerate(args.only, start=1):
         print(f"[{i}/{len(args.only)}] {name} ...", flush=True)
         began = time.perf_counter()
         result = FAMILIES[name](work)
         rows += result.rows
         figures.update(result.figures)
+        done.append(name)
         print(f"[{i}/{len(args.only)}] {name}: {time.perf_counter() - began:.1f} s", flush=True)
+        if args.json:  # what is done so far, in case the run is cut off (a time limit)
+            write_json(args.json, {**shown(figures), **header, "complete": False, "families_done": done})
     total = time.perf_counter() - start
-    targets = targets_for(work.device)
     print()
     print(format_table(rows, quick=args.quick, targets=targets))
     print(f"\ntotal {total:.1f} s; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    return {**figures, "targets": {key: target.to_dict() for key, target in targets.items()},
-            "target_kind": "cuda" if work.device.type == "cuda" else "cpu",
-            "passed": verdicts(rows, quick=args.quick, targets=targets), "machine": machine, "data_source": source, "quick": args.quick,
+    return {**shown(figures), **header, "passed": verdicts(rows, quick=args.quick, targets=targets),
+            "complete": True, "families_done": done,
             "total_seconds": total, "load_average": {"before": load_before, "after": os.getloadavg()[0]}}
 
 

@@ -45,7 +45,7 @@ def run(work: Workload) -> Result:
             f"{epoch_seconds:.2f} s epoch", every_epoch, key=None),
         Row(f"checkpoint share of wall time, default policy (every {config.checkpoint_every} epoch(s) and "
             f"{config.checkpoint_minutes:g} min)", f"{100 * overhead:.2f} %", "-", overhead, key="checkpoint_overhead",
-            checked=overhead),
+            checked=overhead, derived=True),
     ]
     figures = {"checkpoint_bytes": size, "checkpoint_save_seconds": save_seconds,
                "checkpoint_epoch_seconds": epoch_seconds, "checkpoint_overhead": overhead,

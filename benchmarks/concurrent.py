@@ -94,7 +94,8 @@ def run(work: Workload) -> Result:
     rows = [Row(f"{k} concurrent training run(s) on one {work.device.type} device, aggregate images/s",
                 f"{rate:.0f}/s", f"{aggregate[1]:.0f}/s (K=1)" if 1 in aggregate else "-",
                 rate / aggregate[1] if 1 in aggregate else None) for k, rate in aggregate.items()]
-    rows.append(Row("recommended concurrent runs per device (smallest K within 5 % of the best)", f"K = {best_k}"))
+    rows.append(Row("recommended concurrent runs per device (smallest K within 5 % of the best)", f"K = {best_k}",
+                    derived=True))
     figures = {"concurrent_images_per_s": {str(k): rate for k, rate in aggregate.items()},
                "concurrent_window_seconds": {str(k): s for k, s in windows.items()},
                "concurrent_recommended_k": best_k, "concurrent_steps": work.repeats.concurrent_steps,

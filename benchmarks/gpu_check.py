@@ -10,7 +10,7 @@ and `--test_per_class` test images each) from `<data_dir>/cifar-100-python/` int
 `<into>/cifar-100-python/` in the official pickle layout, so that the check's learning run reads
 real images through the project's own reader (30 classes of 200 + 100 images: about 28 MB).
 
-`standin` writes random images in the same layout (30 classes of 20 + 10): enough for --dry,
+`standin` writes random images in the same layout (20 + 10 a class): enough for --dry,
 which checks the plumbing, not the learning.
 
 `summarize` reads what the sections left in `--out` (sections.tsv: name, exit code, seconds,

@@ -60,7 +60,9 @@ def targets_for(device: torch.device) -> dict[str, Target]:
 @dataclass(frozen=True)
 class Row:
     """One line of the table. `checked` is the number held against the target of `key`
-    (the ratio for relative figures, ours for absolute ones); rows without a key only inform."""
+    (the ratio for relative figures, ours for absolute ones); rows without a key only inform.
+    `derived`: `ours` is computed from measurements (a share, a recommendation), not measured
+    itself, so a --quick run shows it as n/a, like the ratio."""
 
     measurement: str
     ours: str
@@ -68,6 +70,7 @@ class Row:
     ratio: float | None = None
     key: str | None = None
     checked: float | None = None
+    derived: bool = False
 
     def target(self, targets: dict[str, Target]) -> Target | None:
         return targets.get(self.key) if self.key else None
@@ -88,14 +91,33 @@ class Result:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-QUICK_VERDICT = "n/a (quick)"  # a --quick run's small sizes are not held against full-size targets
+QUICK_VERDICT = "n/a (quick)"  # a --quick run's small sizes make no figure: ratios, shares, K, pass/fail
 NOT_ON_CPU = "n/a (cpu)"  # a figure that exists on CUDA only (JSON: null)
+QUICK_REASON = ("--quick: smoke-test sizes (few repeats, tiny batches), so ratios, shares, the recommended K and "
+                "pass/fail mean nothing: null here, measured by a run without --quick")
+# The JSON figures derived from measurements (plus every nested "ratio"): null in a --quick run.
+DERIVED = ("data_speedup", "step_overhead", "epoch_overhead", "eval_overhead", "run_overhead", "checkpoint_overhead",
+           "checkpoint_overhead_every_epoch", "concurrent_recommended_k")
+
+
+def without_derived(figures: dict[str, Any]) -> dict[str, Any]:
+    """`figures` with every derived figure (DERIVED, and "ratio" at any depth) set to None."""
+    def clear(value: Any, key: str | None = None) -> Any:
+        if key == "ratio" or key in DERIVED:
+            return None
+        if isinstance(value, dict):
+            return {k: clear(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clear(v) for v in value]
+        return value
+    return clear(figures)
 
 
 def format_table(rows: list[Row], quick: bool = False, targets: dict[str, Target] = TARGETS) -> str:
     header = ("measurement", "ours", "baseline", "ratio", "target", "pass/fail")
     cells = [header] + [
-        (r.measurement, r.ours, r.baseline, "-" if r.ratio is None else f"{r.ratio:.3f}",
+        (r.measurement, QUICK_VERDICT if quick and r.derived else r.ours, r.baseline,
+         "-" if r.ratio is None else QUICK_VERDICT if quick else f"{r.ratio:.3f}",
          str(r.target(targets)) if r.target(targets) else "-",
          QUICK_VERDICT if quick and r.verdict(targets) else r.verdict(targets))
         for r in rows

@@ -1,4 +1,5 @@
-"""`python -m benchmarks --quick` runs every benchmark and writes every figure as a finite number.
+"""`python -m benchmarks --quick` runs every benchmark and writes every measured figure as a finite
+number; its derived figures (ratios, shares, the recommended K, pass/fail) are n/a: null, with the reason.
 
 Timings on shared machines are noisy, so the targets themselves are not asserted here; the
 table the benchmark prints says pass or FAIL for each.
@@ -6,11 +7,13 @@ table the benchmark prints says pass or FAIL for each.
 
 import json
 import math
-import subprocess
+import re
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.suite_control import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +28,8 @@ TARGET_KEYS = RATIOS + ("topology_ms", "mask_bytes_per_task", "rss_growth_per_ta
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "figures.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_process([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, json.loads(out.read_text())
 
@@ -35,13 +38,11 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def test_every_figure_is_a_finite_number_in_a_sensible_range(quick_run):
+def test_every_measured_figure_is_a_finite_number_in_a_sensible_range(quick_run):
     _, figures = quick_run
-    for key in RATIOS + POSITIVE:
+    for key in POSITIVE:
         assert is_number(figures[key]) and figures[key] > 0, key
-    assert 0.1 < figures["step_overhead"] < 10 and 0.1 < figures["epoch_overhead"] < 10
-    assert 0.1 < figures["eval_overhead"] < 10
-    assert 0 < figures["checkpoint_overhead"] < figures["checkpoint_overhead_every_epoch"] < 1
+    assert 0 < figures["checkpoint_save_seconds"] < figures["checkpoint_epoch_seconds"]
     assert figures["checkpoint_bytes"] > 4 * figures["maskable_weights"]  # at least the weights in float32
     assert is_number(figures["rss_growth_per_task_mb"])
     assert isinstance(figures["mask_bytes_per_task"], int)
@@ -50,6 +51,28 @@ def test_every_figure_is_a_finite_number_in_a_sensible_range(quick_run):
     by_growth = figures["topology_ms_by_growth"]
     assert set(by_growth) == {"random", "unfired", "momentum", "gradient"}
     assert figures["topology_ms"] == max(by_growth.values())
+
+
+DERIVED = RATIOS + ("run_overhead", "checkpoint_overhead", "checkpoint_overhead_every_epoch",
+                    "concurrent_recommended_k")
+
+
+def test_quick_shows_no_derived_figure(quick_run):
+    """Ratios, shares and the recommended K at smoke-test sizes mean nothing: n/a (quick) in the
+    table, null in the JSON with the reason."""
+    stdout, figures = quick_run
+    for key in DERIVED:
+        assert key in figures and figures[key] is None, key
+    assert "--quick" in figures["quick_reason"] and "recommended K" in figures["quick_reason"]
+    assert figures["complete"] is True and len(figures["families_done"]) == 10
+    table = stdout[stdout.index("measurement"):stdout.index("\ntotal ")].splitlines()[2:]
+    assert len(table) >= 15
+    for line in table:
+        assert not re.search(r"  \d+\.\d{3}(  |$)", line), line  # no ratio printed
+    recommended = [line for line in table if line.startswith("recommended concurrent runs")]
+    assert len(recommended) == 1 and "K =" not in recommended[0] and "n/a (quick)" in recommended[0]
+    share = [line for line in table if line.startswith("checkpoint share of wall time")]
+    assert len(share) == 1 and " %" not in share[0]
 
 
 def test_targets_verdicts_and_machine_are_recorded(quick_run):
@@ -83,12 +106,11 @@ def test_gpu_only_figures_are_null_on_the_cpu_and_the_new_families_report(quick_
         assert figures[key] is None, key  # n/a, not 0
     assert stdout.count(" n/a (cpu)") >= 3
     assert figures["run_tasks"] == 2 and figures["run_epochs"] == 1
-    for key in ("run_overhead", "run_images_per_s", "run_bare_images_per_s", "run_train_seconds"):
+    for key in ("run_images_per_s", "run_bare_images_per_s", "run_train_seconds"):
         assert is_number(figures[key]) and figures[key] > 0, key
     assert figures["run_train_images"] == 2 * 3 * 64  # 2 tasks, 1 epoch of 3 batches of 64
     rates = figures["concurrent_images_per_s"]
     assert set(rates) == {"1", "2"} and all(is_number(r) and r > 0 for r in rates.values())
-    assert figures["concurrent_recommended_k"] in (1, 2)
 
 
 def test_sync_counting_counts_the_sync_warnings_and_restores_the_mode(monkeypatch):
