@@ -132,7 +132,7 @@ run_section benchmarks "$BENCH_LIMIT" "$PYTHON" -m benchmarks --device "$DEVICE"
     --json "$OUT/benchmarks.json" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 run_section learning "$LEARN_LIMIT" "$PYTHON" cifar100.py --data_dir "$CHECK_DATA" --no-download \
     --num_classes_per_task 10 --sparse_init ERK --growth random --density 0.2 --update_frequency 20 \
-    --device "$DEVICE" --output_dir "$OUT/learning" --checkpoint_every 0 ${LEARN_ARGS[@]+"${LEARN_ARGS[@]}"}
+    --task_inference confidence --device "$DEVICE" --output_dir "$OUT/learning" --checkpoint_every 0 ${LEARN_ARGS[@]+"${LEARN_ARGS[@]}"}
 
 echo "== summary"
 "$PYTHON" -m benchmarks.gpu_check summarize --out "$OUT" $([ "$DRY" = 1 ] && echo --dry)

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, object] = {
     "class_order": "fixed",
     "keep": "best_train",
     "eval": "task",
-    "task_inference": "confidence",
+    "task_inference": "none",
     "download": True,
     "resume": False,
     "overwrite": False,

@@ -70,7 +70,8 @@ def test_miniimagenet_end_to_end(mini_dir, tmp_path):
 
 
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-         "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "random"]
+         "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "random",
+         "--task_inference", "confidence"]  # the task-agnostic figures are compared too
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -161,7 +162,7 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
 
 MID_TASK = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
             "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
-            "--checkpoint_every", "1", "--checkpoint_minutes", "0"]
+            "--checkpoint_every", "1", "--checkpoint_minutes", "0", "--task_inference", "confidence"]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def tiny_flags(data_dir: Path, tasks: int = 2, max_batches: int = 3) -> list[str
     """A run of a few seconds: `tasks` tasks of 2 classes, 1 epoch of `max_batches` batches."""
     return ["--data_dir", str(data_dir), "--no-download", "--num_tasks", str(tasks), "--num_classes", str(2 * tasks),
             "--num_classes_per_task", "2", "--epochs", "1", "--max_batches", str(max_batches), "--batch_size", "16",
-            "--device", "cpu", "--update_frequency", "2"]
+            "--device", "cpu", "--update_frequency", "2", "--task_inference", "confidence"]
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -249,7 +249,7 @@ def test_the_report_tables_the_sweep(swept, tmp_path, capsys):
     assert report.main([str(out), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("| ")]
-    assert len(tables) == 2  # the task-aware table, then the task-agnostic one (default --task_inference)
+    assert len(tables) == 2  # the task-aware table, then the task-agnostic one (tiny_flags: --task_inference)
     for table, metric in zip(tables, ("acc", "acc_agnostic")):
         assert table[0] == "| init + growth | 80 % | 90 % | BWT |" and len(table) == 4  # header, rule, 2 rows
         for line, growth in zip(table[2:], ("random", "unfired")):

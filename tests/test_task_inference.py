@@ -11,13 +11,17 @@ import torch.nn as nn
 from data.split import Normalization, Split
 from data import TensorLoader
 from sparselearning import TaskMasks
-from utils import retest, run_dir
+from models import build_model
+from utils import experiment, retest, run_dir
+from utils.chance import found_note
 from utils.entry import main
 from utils.evaluation import evaluate_row
-from utils.task_inference import INFERENCE_METHODS, TaskInference, superposition_gradient
+from utils.metrics import format_agnostic_report
+from utils.task_inference import (CALIBRATED_METHODS, INFERENCE_METHODS, TaskInference,
+                                  measure_calibration, superposition_gradient)
 from tests.conftest import SHARED, finished_run, run_once
 
-METHODS = INFERENCE_METHODS[1:]
+METHODS = [method for method in INFERENCE_METHODS[1:] if method not in CALIBRATED_METHODS]
 PLAIN = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels / 255, nothing subtracted
 
 
@@ -186,6 +190,19 @@ def test_a_batch_of_the_wrong_task_counts_all_its_images_wrong():
     assert row.accuracy[1] == aware[1] and row.task_id_accuracy == 50.0
 
 
+def test_a_task_found_share_near_chance_is_called_so_and_explained():
+    near = found_note(21.5, 5)
+    assert near.startswith("task found for 21.5% of batches (chance: task found 1/5 of batches = 20.0%; near chance:")
+    assert "not calibrated against each other" in near and "README 'Testing without the task id'" in near
+    assert "near chance" not in found_note(46.0, 5) and "chance: task found 1/5 of batches = 20.0%" in found_note(46.0, 5)
+    assert "near chance" not in found_note(100.0, 1) and "nothing to infer" in found_note(100.0, 1)
+    matrix = np.array([[80.0, np.nan], [40.0, 0.0]])
+    at_chance = format_agnostic_report(matrix, [100.0, 50.0], "confidence", 16)
+    assert "CHANCE (1/(tasks so far), per row):\n 100.00   50.00" in at_chance
+    assert "Last row near chance: the tasks' networks are not calibrated against each other" in at_chance
+    assert "near chance" not in format_agnostic_report(matrix, [100.0, 75.0], "confidence", 16)
+
+
 # ---- in runs -------------------------------------------------------------------------------------
 
 TINY = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "1",
@@ -200,8 +217,9 @@ def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes
     """One-shot inference, the one with backward passes, against none (confidence and entropy only
     run forward passes under no_grad; the retest test below checks a confidence run's figures,
     whose task-aware ones share its passes, against passes of their own)."""
-    plain = run(cifar_dir, tmp_path / "none", "--task_inference", "none")
+    plain = run(cifar_dir, tmp_path / "none")  # the default: the paper's protocol, task id given only
     assert plain["acc_matrix_agnostic"] is None and plain["task_inference"] == {"method": "none"}
+    assert "task id given only (--task_inference none)" in (tmp_path / "none" / run_dir.LOG_FILE).read_text()
     weights = run_dir.load_checkpoint(tmp_path / "none" / run_dir.CHECKPOINT_FILE)["model"]
     for method in ("oneshot",):
         results = run(cifar_dir, tmp_path / method, "--task_inference", method)
@@ -216,7 +234,11 @@ def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes
         cost = results["task_inference"]
         assert cost["method"] == method and cost["test_batch_size"] == 64 and cost["seconds"] > 0
         assert (cost["backward_passes"] > 0) == (method == "oneshot")
-        assert "TASK-AGNOSTIC ACCURACY MATRIX" in (tmp_path / method / run_dir.REPORT_FILE).read_text()
+        report = (tmp_path / method / run_dir.REPORT_FILE).read_text()
+        assert "TASK-AGNOSTIC ACCURACY MATRIX" in report and "CHANCE (1/(tasks so far), per row)" in report
+        log = (tmp_path / method / run_dir.LOG_FILE).read_text()
+        for tasks in (2, 3):  # each row's line, then the last line, says what chance is
+            assert log.count(f"(chance: task found 1/{tasks} of batches = {100 / tasks:.1f}%") == 1 + (tasks == 3)
 
 
 # A real-data run whose tasks the default method tells apart: 3 tasks of 2 classes, 2 full epochs,
@@ -276,3 +298,78 @@ def test_retest_refuses_what_it_cannot_measure_exactly(cifar_dir, tmp_path, caps
 def test_oneshot_needs_masks(capsys):
     assert main("cifar100", ["--no-sparse", "--task_inference", "oneshot", "--device", "cpu"]) == 2
     assert "needs --sparse" in capsys.readouterr().err
+
+
+# ---- calibrated claims ---------------------------------------------------------------------------
+
+def test_calibrated_methods_find_recognisable_tasks_once_each_network_is_calibrated():
+    tasks, k = 3, 2
+    classes, loaders = colour_tasks(tasks, k, per_class=8, batch_size=4)
+    _, training = colour_tasks(tasks, k, per_class=12, batch_size=4)  # other images of the same tasks
+    model, store = colour_networks(tasks, k)
+    for method in CALIBRATED_METHODS:
+        inference = TaskInference(method, "task")
+        with pytest.raises(ValueError, match="calibration"):
+            inference.row(model, store, classes, loaders, 0)
+        for t in range(tasks):
+            inference.calibrate(model, store, t, classes[t], training[t])
+        row = inference.row(model, store, classes, loaders, 2)
+        assert row.task_id_accuracy == 100.0, method
+        assert np.array_equal(row.accuracy, evaluate_row(model, store, classes, loaders, 2, mode="task"))
+
+
+def test_a_calibrated_run_changes_nothing_else_and_calibrates_on_training_images_only(cifar_dir, tmp_path):
+    """The task-aware matrix and the weights are those of a run without inference, bit for bit;
+    each task's calibration is that of its network on its task's training images (not its test
+    images), and `utils.retest` measures the run's task-agnostic matrix again exactly."""
+    plain = run(cifar_dir, tmp_path / "none")
+    results = run(cifar_dir, tmp_path / "calibrated", "--task_inference", "calibrated")
+    assert results["acc_matrix"] == plain["acc_matrix"] and results["task_inference"]["method"] == "calibrated"
+    before, checkpoint = (run_dir.load_checkpoint(tmp_path / name / run_dir.CHECKPOINT_FILE)
+                          for name in ("none", "calibrated"))
+    assert all(torch.equal(before["model"][name], checkpoint["model"][name]) for name in before["model"])
+    config, state = retest.saved_run(tmp_path / "calibrated", None, None)
+    tasks = retest.matching_tasks(config, state["config"])
+    model = build_model(config.net_name, config.num_classes)
+    model.load_state_dict(checkpoint["model"])
+    store = TaskMasks.from_state_dict(checkpoint["task_masks"])
+    measured = checkpoint["calibration"]
+    for task in tasks:
+        train, test = (TensorLoader(split, batch_size=64, train=False) for split in (task.train, task.test))
+        assert measure_calibration(model, store, task.index, task.classes, train) == measured[task.index]
+        assert measure_calibration(model, store, task.index, task.classes, test) != measured[task.index]
+    out = tmp_path / "retest.json"
+    assert retest.main([str(tmp_path / "calibrated"), "--methods", "calibrated", "--test_batch_sizes", "64",
+                        "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["acc_matrix_agnostic"] == results["acc_matrix_agnostic"]
+
+
+class Killed(BaseException):
+    """The process dies here (as under SIGKILL: nothing in the program handles it)."""
+
+
+def test_a_resumed_calibrated_run_ends_as_an_uninterrupted_one(cifar_dir, tmp_path, monkeypatch):
+    """The calibrations of finished tasks come back from the checkpoint (a resumed run does not
+    train them again, and the rows after it need them)."""
+    reference = run(cifar_dir, tmp_path / "reference", "--task_inference", "calibrated")
+    real_train_task, calls = experiment.train_task, []
+
+    def dies_in_the_third_task(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real_train_task(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train_task", dies_in_the_third_task)
+    with pytest.raises(Killed):
+        run(cifar_dir, tmp_path / "cut", "--task_inference", "calibrated")
+    monkeypatch.setattr(experiment, "train_task", real_train_task)
+    resumed = run(cifar_dir, tmp_path / "cut", "--task_inference", "calibrated", "--resume")
+    assert resumed["acc_matrix_agnostic"] == reference["acc_matrix_agnostic"]
+    assert resumed["task_id_accuracy"] == reference["task_id_accuracy"]
+
+
+def test_calibrated_methods_need_isolated_sparse_networks(capsys):
+    for flags in (["--no-sparse"], ["--no-isolate"]):
+        assert main("cifar100", [*flags, "--task_inference", "calibrated", "--device", "cpu"]) == 2
+        assert "needs --sparse and --isolate" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from data import CLASS_ORDER_MODES, DATASET_STATS
 from models import MODELS
 from sparselearning import DEATH_MODES, GROWTH_MODES, NEW_WEIGHTS, SPARSE_INITS
 from utils.errors import UserError
-from utils.task_inference import DEFAULT_METHOD, INFERENCE_METHODS
+from utils.task_inference import CALIBRATED_METHODS, DEFAULT_METHOD, INFERENCE_METHODS
 
 BENCHMARKS: tuple[str, ...] = tuple(DATASET_STATS)
 """The canonical dataset names (those the data package reads); also the values of ``Config.dataset``."""
@@ -286,9 +286,11 @@ def _add_training_flags(train: argparse._ArgumentGroup, benchmark: str) -> None:
                        help="prediction = argmax over the task's own classes (task id given), "
                        "or over all classes (authors)")
     train.add_argument("--task_inference", choices=INFERENCE_METHODS, default=DEFAULT_METHOD,
-                       help="also test with the task id hidden: infer each test batch's task by its "
-                       "network's confidence, its entropy, or SupSup's one-shot superposition rule "
-                       "(sparse runs); results.json gets acc_matrix_agnostic. none: task id given only")
+                       help="also test with the task id hidden (beyond the paper): infer each test "
+                       "batch's task by its network's confidence, its entropy, SupSup's one-shot "
+                       "superposition rule (sparse runs), or a confidence calibrated on each task's "
+                       "training images; results.json gets acc_matrix_agnostic. Default none: the "
+                       "paper's protocol, task id given only")
     train.add_argument("--seed", type=int, default=0, help="seed of every random generator, >= 0")
 
 
@@ -465,6 +467,11 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(
         args.sparse or args.task_inference != "oneshot",
         "--task_inference oneshot superposes the tasks' masks: it needs --sparse (the dense baseline has one network)",
+    )
+    _require(
+        (args.sparse and args.isolate is not False) or args.task_inference not in CALIBRATED_METHODS,
+        f"--task_inference {args.task_inference} calibrates each task's network right after its task: it needs "
+        "--sparse and --isolate (networks that do not change afterwards)",
     )
     _require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one")
 

@@ -19,6 +19,7 @@ from models import build_model
 from sparselearning import TaskMasks
 from utils import run_dir, run_lock
 from utils.acceleration import Acceleration
+from utils.chance import found_note
 from utils.cli import Config
 from utils.environment import environment
 from utils.errors import NonFiniteLoss, RunStopped
@@ -121,11 +122,11 @@ class Experiment:
             if stop is not None and stop.requested and t + 1 < config.num_tasks:
                 raise self.stopped(f"{stop.name} after task {t + 1}")
         results = self.write_results()
-        acc, bwt, fwt, above, agnostic = (("n/a" if results[key] is None else f"{results[key]:.2f}")
-                                          for key in ("acc", "bwt", "fwt", "fwt_above_chance", "acc_agnostic"))
+        acc, bwt, fwt, above = (("n/a" if results[key] is None else f"{results[key]:.2f}")
+                                for key in ("acc", "bwt", "fwt", "fwt_above_chance"))
         log.info("finished %d tasks: ACC %s %%, BWT %s, FWT %s (%s), FWT above chance %s (GEM's, with chance for an "
-                 "untrained network), task-agnostic ACC %s %% (%s); results in %s", config.num_tasks, acc, bwt, fwt,
-                 fwt_meaning(config.num_classes_per_task), above, agnostic, config.task_inference, out)
+                 "untrained network), %s; results in %s", config.num_tasks, acc, bwt, fwt,
+                 fwt_meaning(config.num_classes_per_task), above, final_agnostic_summary(results), out)
         return results
 
     def stopped(self, where: str) -> RunStopped:
@@ -145,6 +146,10 @@ class Experiment:
             self.task_masks.add(mask)
         classes = [task.classes for task in self.tasks]
         if self.inference is not None:  # first: its passes of a new network on its own test set serve both tests
+            if self.inference.needs_training_images:  # task t's network as every later row tests it
+                train_images = TensorLoader(task.train, batch_size=config.test_batch_size, train=False,
+                                            device=self.accel.device, channels_last=self.accel.channels_last)
+                self.inference.calibrate(self.model, self.task_masks, t, task.classes, train_images)
             row = self.inference.row(self.model, self.task_masks, classes, self.test_loaders, t)
             self.acc_agnostic[t] = row.accuracy
             record["task_inference"] = {"task_id_accuracy": row.task_id_accuracy, "seconds": row.seconds,
@@ -164,13 +169,16 @@ class Experiment:
                                 {"config": self.config.to_dict(), **state})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "task_masks": self.task_masks.state_dict(),
+        calibration = {} if self.inference is None else {"calibration": self.inference.state_dict()}
+        return {**calibration, "model": self.model.state_dict(), "task_masks": self.task_masks.state_dict(),
                 "acc_matrix": self.acc.tolist(), "acc_matrix_agnostic": self.acc_agnostic.tolist(),
                 "per_task": self.records, "tasks_done": len(self.records)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.task_masks = TaskMasks.from_state_dict(state["task_masks"], self.accel.device)
+        if self.inference is not None and "calibration" in state:  # task inference's per-task calibrations
+            self.inference.load_state_dict(state["calibration"])
         self.acc = np.array(state["acc_matrix"], dtype=float)
         if "acc_matrix_agnostic" in state:  # checkpoints from before task inference have none
             self.acc_agnostic = np.array(state["acc_matrix_agnostic"], dtype=float)
@@ -225,8 +233,18 @@ class Experiment:
             return ""
         row = self.records[t]["task_inference"]
         return (f"; task id hidden ({self.config.task_inference}): test {self.acc_agnostic[t, t]:.2f}%, mean "
-                f"{np.mean(self.acc_agnostic[t, :t + 1]):.2f}% over tasks 1-{t + 1}, task found for "
-                f"{row['task_id_accuracy']:.1f}% of batches ({row['seconds']:.1f} s)")
+                f"{np.mean(self.acc_agnostic[t, :t + 1]):.2f}% over tasks 1-{t + 1}, "
+                f"{found_note(row['task_id_accuracy'], t + 1)} ({row['seconds']:.1f} s)")
+
+
+def final_agnostic_summary(results: dict[str, Any]) -> str:
+    """The finished run's task-agnostic figures for the log's last line (or that there are none)."""
+    method = results["task_inference"]["method"]
+    if results["acc_agnostic"] is None:
+        return f"task id given only (--task_inference {method})"
+    found = results["task_id_accuracy"]
+    return (f"task-agnostic ACC {results['acc_agnostic']:.2f} % ({method}; last row: "
+            f"{found_note(found[-1], len(found))})")
 
 
 def capacity_summary(record: dict[str, Any]) -> str:

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from utils.chance import NEAR_CHANCE_REASON, chance_percent, near_chance
+
 
 def accuracy_matrix(A: ArrayLike) -> np.ndarray:
     """``A`` as a float64 T x T array, checked: square, T >= 1, lower triangle complete.
@@ -276,11 +278,14 @@ def format_agnostic_report(A: ArrayLike, task_id_accuracy: ArrayLike, method: st
     """The task-agnostic matrix and figures as text, laid out like `format_report`."""
     matrix = accuracy_matrix(A)
     task_id = np.asarray(task_id_accuracy, dtype=np.float64)
-    width = max(len(_cell(float(v))) for v in np.concatenate([matrix.ravel(), task_id]))
+    chance = np.array([chance_percent(i + 1) for i in range(len(task_id))])
+    width = max(len(_cell(float(v))) for v in np.concatenate([matrix.ravel(), task_id, chance]))
     return "\n\n".join([
         f"TASK-AGNOSTIC ACCURACY MATRIX (task id inferred: {method}, test batches of {test_batch_size}):\n"
         + "\n".join(_row(row, width) for row in matrix),
-        "TASK-ID ACCURACY (% of test batches assigned to their task, per row):\n" + _row(task_id, width),
+        "TASK-ID ACCURACY (% of test batches assigned to their task, per row):\n" + _row(task_id, width)
+        + "\nCHANCE (1/(tasks so far), per row):\n" + _row(chance, width)
+        + (f"\nLast row {NEAR_CHANCE_REASON}." if near_chance(task_id[-1], len(task_id)) else ""),
         f"Task-agnostic BWT:\n {_cell(average_bwt(matrix))}",
         f"Task-agnostic ACC (mean of final row): {_cell(final_accuracy(matrix))}",
     ])

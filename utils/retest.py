@@ -1,13 +1,15 @@
 """Test a finished run again, from its checkpoint: other task-inference methods, other test batch sizes.
 
-    python -m utils.retest RUN_DIR [--methods confidence entropy oneshot] [--test_batch_sizes 16 64 128]
+    python -m utils.retest RUN_DIR [--methods confidence entropy oneshot calibrated] [--test_batch_sizes 16 64 128]
                            [--device cpu] [--data_dir DIR] [--out FILE]
 
 With isolation, task j's network never changes after task j: the final checkpoint (the shared
 weights and every task's mask) holds every network the run tested, so both accuracy matrices
 (task id given, and hidden: `utils.task_inference`) can be measured again without training, with
 the same data, exactly as the run measured them. BatchNorm normalizes with each test batch's
-statistics, so the test batch size changes both. Prints one table (method x test batch size) and
+statistics, so the test batch size changes both. `calibrated` measures each network on its task's
+training images again (read from the run's data, as its test images are), in batches of each test
+batch size, as a run does right after each task. Prints one table (method x test batch size) and
 writes every matrix to --out (default: RUN_DIR/retest.json), atomically.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.nn as nn
 
 from data import DataError, TensorLoader
 from models import build_model
@@ -82,8 +85,14 @@ def retest(config: Config, state: dict[str, Any], tasks: list[Task], methods: Se
         tested = EvaluatedNetworks()
         final_row = evaluate_row(model, task_masks, classes, loaders, done - 1, mode=config.eval,
                                  autocast=accel.autocast, tested=tested)[:done]
+        calibration: dict[int, float] = {}  # measured once per test batch size, shared by the methods
         for method in methods:
             inference = TaskInference(method, config.eval, accel.autocast, tested)
+            if inference.needs_training_images:
+                if not calibration:
+                    calibrate(inference, model, task_masks, tasks[:done], size, accel)
+                    calibration.update(inference.calibration)
+                inference.calibration = dict(calibration)
             rows = [inference.row(model, task_masks, classes, loaders, i) for i in range(done)]
             agnostic = np.array([row.accuracy[:done] for row in rows])
             results.append({
@@ -96,6 +105,16 @@ def retest(config: Config, state: dict[str, Any], tasks: list[Task], methods: Se
                 "acc_matrix_agnostic": [[None if np.isnan(v) else float(v) for v in row] for row in agnostic]})
             log.info("test batches of %d, %s: task-agnostic ACC %.2f %%", size, method, results[-1]["acc_agnostic"])
     return results
+
+
+def calibrate(inference: TaskInference, model: nn.Module, task_masks: TaskMasks, tasks: Sequence[Task],
+              batch_size: int, accel: Acceleration) -> None:
+    """Calibrate each finished task's network on its task's training images, as the run did right
+    after training it: with isolation its network has not changed since."""
+    for task in tasks:
+        train = TensorLoader(task.train, batch_size=batch_size, train=False, device=accel.device,
+                             channels_last=accel.channels_last)
+        inference.calibrate(model, task_masks, task.index, task.classes, train)
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
