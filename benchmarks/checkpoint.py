@@ -30,7 +30,7 @@ from utils.train import TaskTraining, train_epoch
 def run(work: Workload) -> Result:
     config, task = work.config, work.tasks[0]
     training = TaskTraining(work.model(config.seed), task, None, config, work.accel)
-    epoch_seconds = timed(lambda: training.end_epoch(train_epoch(training, 0)[1]), work.device)
+    epoch_seconds = timed(lambda: training.end_epoch(*train_epoch(training, 0)), work.device)
     state = {"config": config.to_dict(), **training.state_dict()}
     with tempfile.TemporaryDirectory(prefix="benchmark-checkpoint-") as folder:
         path = Path(folder) / run_dir.PROGRESS_FILE

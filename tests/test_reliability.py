@@ -4,6 +4,7 @@ The interrupted runs are separate processes killed with SIGKILL, on the real CIF
 when ../shared/data is present (generated stand-ins otherwise), three small tasks.
 """
 
+import csv
 import io
 import os
 import json
@@ -19,8 +20,8 @@ import pytest
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.suite_control import run_process, send_to_this_process, start_process
 from utils import run_dir
-from tests.suite_control import send_to_this_process, start_process
 from utils.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +58,24 @@ def results_of(out: Path) -> dict:
     return json.loads((out / run_dir.RESULTS_FILE).read_text())
 
 
+def epoch_rows(out: Path) -> list[dict]:
+    """metrics.csv's rows less the seconds (a resumed task's clock includes its replayed epochs)."""
+    with open(out / run_dir.METRICS_FILE, newline="") as f:
+        return [{k: v for k, v in row.items() if k != "task_seconds"} for row in csv.DictReader(f)]
+
+
 @pytest.fixture(scope="module")
-def reference(cifar_dir, tmp_path_factory) -> dict:
+def reference_run(cifar_dir, tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one is compared with."""
     out = tmp_path_factory.mktemp("reference") / "run"
     # no saves of the task in progress: they change no result (that is what these tests check)
     assert main("cifar100", argv_for(cifar_dir, out, *THREE_TASKS, "--checkpoint_minutes", "1000")) == 0
-    return results_of(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
+    return results_of(reference_run)
 
 
 def start(argv: list[str], stderr: Path, driver: str | None = None) -> subprocess.Popen:
@@ -89,7 +101,8 @@ def wait_for_log_line(process: subprocess.Popen, log: Path, text: str, timeout: 
 # ----------------------------------------------------------------------------- kill and resume
 
 
-def test_a_run_killed_in_the_middle_of_a_task_resumes_to_the_same_results(cifar_dir, reference, tmp_path):
+def test_a_run_killed_in_the_middle_of_a_task_resumes_to_the_same_results(cifar_dir, reference, reference_run,
+                                                                         tmp_path):
     out = tmp_path / "run"
     argv = argv_for(cifar_dir, out, *THREE_TASKS)
     process = start(argv, tmp_path / "stderr.txt")
@@ -103,6 +116,8 @@ def test_a_run_killed_in_the_middle_of_a_task_resumes_to_the_same_results(cifar_
     assert main("cifar100", [*argv, "--resume"]) == 0
     assert comparable(results_of(out)) == comparable(reference)
     assert "resuming task 2 after epoch" in (out / run_dir.LOG_FILE).read_text()
+    assert epoch_rows(out) == epoch_rows(reference_run)  # each epoch once, as if never interrupted
+    assert len(epoch_rows(out)) == 3 * 3
 
 
 # Kills the run when the n-th rename onto the named file is about to happen: the temporary file
@@ -316,8 +331,8 @@ def test_missing_cifar_without_download_is_one_line_exit_2(tmp_path, capsys):
 
 def test_a_script_run_never_shows_a_traceback_for_bad_input(tmp_path):
     """The same, through the real script in its own process."""
-    result = subprocess.run([sys.executable, "miniImageNet100.py", *argv_for(tmp_path, tmp_path / "out", *MINI_FLAGS)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_process([sys.executable, "miniImageNet100.py", *argv_for(tmp_path, tmp_path / "out", *MINI_FLAGS)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "miniImageNet not found" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from sparselearning import atomic_file
 from tests.conftest import write_fake_cifar
+from tests.suite_control import run_process
 from tests.test_reliability import ROOT, argv_for, comparable, results_of, start, terminal_lines, wait_for_log_line
 from utils import experiment, run_dir, run_lock, train
 from utils.cli import parse_config
@@ -104,8 +104,8 @@ def test_a_live_run_refuses_a_second_one_and_a_killed_runs_lock_does_not(cifar_d
     first = start(argv, tmp_path / "first.txt", driver=PAUSE_AFTER_FIRST_PROGRESS)
     try:
         wait_for_log_line(first, tmp_path / "first.txt", "paused")
-        second = subprocess.run([sys.executable, "cifar100.py", *argv, "--resume"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=120)
+        second = run_process([sys.executable, "cifar100.py", *argv, "--resume"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
         assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
         assert f"{out} is in use by another run (pid {first.pid} on " in second.stderr
         saved = {path.name: path.read_bytes() for path in out.iterdir()}
@@ -197,6 +197,7 @@ FOREIGN = {
     "a checkpoint of objects": (run_dir.PROGRESS_FILE, torch_bytes({"when": datetime.date(2024, 1, 1)})),
     "bytes that are no checkpoint": (run_dir.CHECKPOINT_FILE, b"not a zip archive\n"),
     "a user's log alone": (run_dir.LOG_FILE, b"my notes\n"),
+    "a user's metrics.csv alone": (run_dir.METRICS_FILE, b"epoch,loss\n1,0.5\n"),
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from data import CLASS_ORDER_MODES, DATASET_STATS
 from models import MODELS
 from sparselearning import DEATH_MODES, GROWTH_MODES, NEW_WEIGHTS, SPARSE_INITS
+from utils.epoch_metrics import tensorboard_available
 from utils.errors import UserError
 from utils.task_inference import CALIBRATED_METHODS, DEFAULT_METHOD, INFERENCE_METHODS
 
@@ -69,7 +70,8 @@ MIN_BATCH = 2
 running averages), and a single image has no batch statistics to learn from."""
 
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
-    "output_dir", "resume", "overwrite", "data_dir", "download", "checkpoint_every", "checkpoint_minutes")
+    "output_dir", "resume", "overwrite", "data_dir", "download", "checkpoint_every", "checkpoint_minutes",
+    "tensorboard")
 """Settings that do not change a run's results: a report's table may mix runs that differ in
 them. Not ``device``: a CPU and a CUDA run of one seed draw different random streams, so they
 are different experiments."""
@@ -124,6 +126,7 @@ class Config:
     compile: bool
     channels_last: bool | None
     cudnn_benchmark: bool
+    tensorboard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (paths become strings), in field order."""
@@ -339,6 +342,9 @@ def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
     run.add_argument("--checkpoint_minutes", type=_finite_float, default=10.0,
                      help="minutes at least between two saves of the task in progress (0: every "
                      "--checkpoint_every epochs); a stop signal (SIGTERM, SIGINT, SIGUSR1) always saves")
+    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                     help="also log the per-epoch metrics as TensorBoard events in <output_dir>/tensorboard "
+                     "(needs the optional tensorboard package); metrics.csv is always written")
     run.add_argument("--max_batches", type=int, default=None,
                      help="cap on batches per epoch, for debugging and smoke runs "
                      "(default: None = no cap)")
@@ -474,6 +480,9 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
         "--sparse and --isolate (networks that do not change afterwards)",
     )
     _require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one")
+    _require(not args.tensorboard or tensorboard_available(),
+             "--tensorboard needs the optional tensorboard package: pip install tensorboard "
+             "(or pip install -r requirements-figures.txt)")
 
 
 def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:

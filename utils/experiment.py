@@ -22,6 +22,7 @@ from utils.acceleration import Acceleration
 from utils.chance import found_note
 from utils.cli import Config
 from utils.environment import environment
+from utils.epoch_metrics import TensorBoardLog, mark_tested, metrics_csv
 from utils.errors import NonFiniteLoss, RunStopped
 from utils.evaluation import EvaluatedNetworks, evaluate_row
 from utils.metrics import (AGNOSTIC_KEYS, METRIC_KEYS, format_agnostic_report, format_report, fwt_meaning,
@@ -65,7 +66,11 @@ def run(config: Config) -> dict[str, Any]:
         handler = run_dir.attach_log_file(out)
         try:
             with StopRequest().installed() as stop:
-                return Experiment(config, tasks).run(resumable.saved, resumable.in_progress, stop)
+                experiment = Experiment(config, tasks)
+                try:
+                    return experiment.run(resumable.saved, resumable.in_progress, stop)
+                finally:
+                    experiment.close()
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
@@ -90,6 +95,9 @@ class Experiment:
         self.inference = None if config.task_inference == "none" else TaskInference(
             config.task_inference, config.eval, self.accel.autocast, self.tested)
         self.acc_agnostic = np.full_like(self.acc, np.nan)
+        self.epoch_rows: list[dict[str, Any]] = []  # metrics.csv's rows of the finished tasks ...
+        self.task_rows: list[dict[str, Any]] = []  # ... and of the task in training
+        self.tensorboard: TensorBoardLog | None = None
 
     def run(self, saved: dict[str, Any] | None, in_progress: dict[str, Any] | None,
             stop: StopRequest | None = None) -> dict[str, Any]:
@@ -108,6 +116,9 @@ class Experiment:
             in_progress = None  # left over from a task that finished after it was saved
         if in_progress is not None:
             log.info("resuming task %d after epoch %d", first + 1, in_progress["epochs_done"])
+        if config.tensorboard:
+            done = first * config.epochs + (in_progress["epochs_done"] if in_progress is not None else 0)
+            self.tensorboard = TensorBoardLog(out / run_dir.TENSORBOARD_DIR, config.epochs, first_step=done + 1)
         for t in range(first, config.num_tasks):
             try:
                 self.train_and_test(self.tasks[t], in_progress, stop)
@@ -141,7 +152,7 @@ class Experiment:
         config, t = self.config, task.index
         frozen = self.task_masks.frozen_before(t) if config.isolate else None
         mask, record = train_task(self.model, task, frozen, config, self.accel, in_progress, self.save_progress,
-                                  stop)
+                                  stop, on_epoch=self.epoch_done)
         if mask is not None:
             self.task_masks.add(mask)
         classes = [task.classes for task in self.tasks]
@@ -158,10 +169,35 @@ class Experiment:
                                    autocast=self.accel.autocast, tested=self.tested)
         record["test_acc"] = float(self.acc[t, t])
         self.records.append(record)
+        self.task_tested(t, record)
         log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s%s",
                  t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],
                  record["kept_epoch"], self.acc[t, t], record["train_seconds"], capacity_summary(record),
                  self.agnostic_summary(t))
+
+    def epoch_done(self, rows: list[dict[str, Any]]) -> None:
+        """The task in training finished an epoch (or started, with the rows of its epochs done):
+        metrics.csv, and TensorBoard's scalars of the new epoch."""
+        self.task_rows = rows
+        self.write_metrics()
+        if self.tensorboard is not None and rows:
+            self.tensorboard.epoch(rows[-1])
+
+    def task_tested(self, t: int, record: dict[str, Any]) -> None:
+        """Task t was tested: its test accuracy on the row of the epoch it kept; its rows join the
+        finished tasks' (saved with the checkpoint)."""
+        mark_tested(self.task_rows, record["kept_epoch"], record["test_acc"])
+        self.epoch_rows, self.task_rows = self.epoch_rows + self.task_rows, []
+        self.write_metrics()
+        if self.tensorboard is not None:
+            self.tensorboard.task_tested(t + 1, self.acc[t, :t + 1].tolist())
+
+    def write_metrics(self) -> None:
+        run_dir.write_text(self.config.output_dir / run_dir.METRICS_FILE, metrics_csv(self.epoch_rows + self.task_rows))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def save_progress(self, state: dict[str, Any]) -> None:
         """Save the task in progress (a `TaskTraining.state_dict()`) with the run's config."""
@@ -172,7 +208,7 @@ class Experiment:
         calibration = {} if self.inference is None else {"calibration": self.inference.state_dict()}
         return {**calibration, "model": self.model.state_dict(), "task_masks": self.task_masks.state_dict(),
                 "acc_matrix": self.acc.tolist(), "acc_matrix_agnostic": self.acc_agnostic.tolist(),
-                "per_task": self.records, "tasks_done": len(self.records)}
+                "per_task": self.records, "tasks_done": len(self.records), "epoch_rows": self.epoch_rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -183,6 +219,7 @@ class Experiment:
         if "acc_matrix_agnostic" in state:  # checkpoints from before task inference have none
             self.acc_agnostic = np.array(state["acc_matrix_agnostic"], dtype=float)
         self.records = state["per_task"]
+        self.epoch_rows = state.get("epoch_rows", [])  # absent from checkpoints of earlier versions
 
     def write_results(self, stopped: str | None = None, resumable: bool = False) -> dict[str, Any]:
         """results.json and report.txt of the tasks done so far; `stopped` says why a run ended early,

@@ -48,8 +48,10 @@ REPORT_FILE = "report.txt"
 LOG_FILE = "train.log"
 CHECKPOINT_FILE = "checkpoint.pt"  # the run after its last finished task
 PROGRESS_FILE = "task_in_progress.pt"  # the task being trained (when: utils.train.TaskTraining.progress_save_due)
+METRICS_FILE = "metrics.csv"  # a row per task x epoch (utils.epoch_metrics)
+TENSORBOARD_DIR = "tensorboard"  # with --tensorboard: its event files (events.out.tfevents.*)
 # In the order --overwrite removes them: config.json, the first file a run writes, last.
-RUN_FILES = (RESULTS_FILE, REPORT_FILE, PROGRESS_FILE, CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE)
+RUN_FILES = (RESULTS_FILE, REPORT_FILE, METRICS_FILE, PROGRESS_FILE, CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE)
 PROJECT_LOGGERS = ("data", "models", "sparselearning", "utils")
 FINGERPRINT = "data_fingerprint"  # the key of the data's fingerprint in a recorded config
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -219,10 +221,10 @@ def not_ours(path: Path, why: str) -> UserError:
 
 
 def read_run_files(output_dir: Path) -> dict[str, dict[str, Any] | Damaged]:
-    """Every record file present in `output_dir` (see `read_run_file`). train.log and report.txt
-    are the run's only next to one of them (config.json is written first and removed last)."""
+    """Every record file present in `output_dir` (see `read_run_file`). train.log, report.txt and
+    metrics.csv are the run's only next to one of them (config.json is written first and removed last)."""
     files = {name: read_run_file(output_dir / name) for name in OWN_KEYS if (output_dir / name).exists()}
-    for name in (LOG_FILE, REPORT_FILE):
+    for name in (LOG_FILE, REPORT_FILE, METRICS_FILE):
         if not files and (output_dir / name).exists():
             raise not_ours(output_dir / name, f"no {CONFIG_FILE} of a run next to it")
     return files
@@ -286,6 +288,8 @@ def prepare_output_dir(config: Config) -> None:
     of the run it held (those only, in `RUN_FILES` order); then write config.json."""
     if config.overwrite:
         try:
+            for path in sorted((config.output_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*")):
+                path.unlink()
             for name in RUN_FILES:
                 (config.output_dir / name).unlink(missing_ok=True)
         except OSError as error:

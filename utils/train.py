@@ -26,6 +26,7 @@ from data import Split, TensorLoader
 from sparselearning import Masking, derive_seed
 from utils.acceleration import Acceleration
 from utils.cli import Config
+from utils.epoch_metrics import epoch_row
 from utils.errors import NonFiniteLoss, RunStopped
 from utils.evaluation import predictions
 from utils.stopping import StopRequest
@@ -104,8 +105,9 @@ class TaskTraining:
 
     # What state_dict() holds, each part once. Objects with their own state_dict():
     OBJECTS = ("model", "optimizer", "scheduler", "masking", "loader", "epoch_progress")
-    # ... and plain values: epochs finished, the kept epoch and its copy (see `state_dict`).
-    VALUES = ("epochs_done", "best_acc", "best_epoch", "kept")
+    # ... and plain values: epochs finished, the kept epoch and its copy (see `state_dict`), the
+    # finished epochs' rows of metrics.csv (`utils.epoch_metrics`).
+    VALUES = ("epochs_done", "best_acc", "best_epoch", "kept", "epoch_rows")
 
     def __init__(self, model: nn.Module, task: Task, frozen: dict[str, torch.Tensor] | None, config: Config,
                  accel: Acceleration) -> None:
@@ -120,6 +122,7 @@ class TaskTraining:
         self.epochs_done = 0
         self.best_acc, self.best_epoch = -math.inf, -1
         self.kept: dict[str, Any] | None = None  # a copy of the kept epoch; None: the current state
+        self.epoch_rows: list[dict[str, Any]] = []
         self.epoch_progress: EpochProgress | None = None  # an epoch stopped half-way, to continue
         self._earlier_seconds, self._started = 0.0, time.perf_counter()
         self._saved_epochs, self._saved_at = 0, time.monotonic()  # the last progress save (or the start)
@@ -153,8 +156,11 @@ class TaskTraining:
         """Note that the task in progress was just saved (the cadence counts from here)."""
         self._saved_epochs, self._saved_at = self.epochs_done, time.monotonic()
 
-    def end_epoch(self, acc: float) -> None:
-        """Step the LR schedule and keep this epoch if it is the one the task keeps."""
+    def end_epoch(self, loss: float, acc: float) -> None:
+        """Record the epoch's row, step the LR schedule, keep this epoch if it is the one the task keeps."""
+        updates = self.masking.topology_updates if self.masking is not None else 0
+        self.epoch_rows.append(epoch_row(self.task.index, self.epochs_done, loss, acc,
+                                         self.scheduler.get_last_lr()[0], updates, self.seconds))
         self.scheduler.step()
         epoch, self.epochs_done = self.epochs_done, self.epochs_done + 1
         if self.config.keep == "last" or acc > self.best_acc:
@@ -214,7 +220,8 @@ class TaskTraining:
         partial = state.get("epoch_progress")  # absent from checkpoints of earlier versions, like torch_rng
         self.epoch_progress = EpochProgress.from_state_dict(partial, self.accel.device) if partial else None
         for name in self.VALUES:
-            setattr(self, name, state[name])
+            if name in state:  # epoch_rows: absent from checkpoints of earlier versions
+                setattr(self, name, state[name])
         if state.get("kept_is_current"):
             self.kept = self._snapshot()
         if "torch_rng" in state:
@@ -269,16 +276,20 @@ def train_task(
     in_progress: dict[str, Any] | None = None,
     save_progress: Callable[[dict[str, Any]], None] | None = None,
     stop: StopRequest | None = None,
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """Train `model` on one task; return the task's final mask (None when dense) and a record.
 
     `in_progress` (a `TaskTraining.state_dict()`) continues the task from there, exactly. The
     task's state goes to `save_progress` when `TaskTraining.progress_save_due`, and when `stop` is
-    requested, after the current optimizer step; RunStopped is then raised.
+    requested, after the current optimizer step; RunStopped is then raised. `on_epoch` gets the
+    task's epoch rows (`utils.epoch_metrics`) at the start and after every epoch.
     """
     training = TaskTraining(model, task, frozen, config, accel)
     if in_progress is not None:
         training.load_state_dict(in_progress)
+    if on_epoch is not None:
+        on_epoch(training.epoch_rows)
     # A progress bar on a terminal; where stderr is a file (sweep logs, SLURM) a line per epoch instead.
     bar = sys.stderr.isatty()
     progress = tqdm(range(training.epochs_done, config.epochs), desc=f"task {task.index + 1}", unit="epoch",
@@ -287,7 +298,9 @@ def train_task(
         result = train_epoch(training, epoch, stop)
         if result is not None:
             loss, acc = result
-            training.end_epoch(acc)
+            training.end_epoch(loss, acc)
+            if on_epoch is not None:
+                on_epoch(training.epoch_rows)
             progress.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}")
             log.log(logging.DEBUG if bar else logging.INFO, "task %d epoch %d: loss %.4f, train accuracy %.2f%%",
                     task.index + 1, epoch + 1, loss, acc)
