@@ -10,13 +10,13 @@ import io
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.suite_control import run_process
 from utils import report
 
 BASE_CONFIG = {"dataset": "cifar100", "num_tasks": 3, "num_classes": 30, "num_classes_per_task": 10,
@@ -227,7 +227,7 @@ def test_the_readmes_report_folder_is_not_committed():
     if shutil.which("git") is None or not (repo / ".git").exists():
         pytest.skip("not a git checkout")
     for path in ("reports/report.md", "reports/figures/acc_matrix/run.png"):
-        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 0, f"{path} is not ignored"
+        assert run_process(["git", "check-ignore", "-q", path], cwd=repo).returncode == 0, f"{path} is not ignored"
 
 
 def test_capacity_stack_splits_the_backbone_into_parts_summing_to_one():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.suite_control import run_process, start_process
 from utils import report
 from utils.cli import parse_config
 
@@ -46,8 +47,8 @@ def environment(**extra: str) -> dict[str, str]:
 
 def run_script(script: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
                timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script), *map(str, args)], env=env or environment(), capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
+    return run_process(["bash", str(script), *map(str, args)], env=env or environment(), capture_output=True,
+                       text=True, timeout=timeout, cwd=cwd)
 
 
 def results(directory: Path) -> dict:
@@ -101,8 +102,8 @@ def test_a_killed_run_is_resumed_by_the_next_sweep(tmp_path, cifar_dir):
     out, point = tmp_path / "sweep", tmp_path / "sweep" / "uniform_gradient_d0.1_s0"
     args = ["--densities", "0.1", "--growths", "gradient", "--inits", "uniform", "--out", out, "--",
             "cifar100.py", *tiny_flags(cifar_dir, tasks=3, max_batches=4)]
-    first = subprocess.Popen(["bash", str(SWEEP), *map(str, args)], env=environment(), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = start_process(["bash", str(SWEEP), *map(str, args)], env=environment(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while not (point / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
@@ -409,8 +410,8 @@ def test_a_sweep_folder_refuses_other_flags_for_every_run(tmp_path, fake_entry):
 
 def test_an_interrupted_sweep_stops_its_runs(tmp_path, fake_entry):
     out = tmp_path / "out"
-    sweep = subprocess.Popen(["bash", str(SWEEP), "-j", "2", *GRID, "--out", str(out), "--", str(fake_entry)],
-                             env=environment(FAKE_SECONDS="60"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    sweep = start_process(["bash", str(SWEEP), "-j", "2", *GRID, "--out", str(out), "--", str(fake_entry)],
+                          env=environment(FAKE_SECONDS="60"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     pid_files = [out / name / "pid" for name in POINTS[:2]]
     deadline = time.monotonic() + 30
     while not all(p.exists() and p.read_text() for p in pid_files) and time.monotonic() < deadline:
@@ -554,8 +555,8 @@ def test_without_the_warning_signal_or_outside_slurm_exit_3_is_not_requeued(tmp_
 
 def test_usr1_to_the_batch_shell_reaches_the_run_which_saves_and_requeues(tmp_path, array_task):
     args, point, calls = array_task
-    shell = subprocess.Popen(["bash", str(SWEEP_SLURM), *args], env=task_environment(tmp_path), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shell = start_process(["bash", str(SWEEP_SLURM), *args], env=task_environment(tmp_path), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not ((point / "pid").exists() and (point / "pid").read_text()) and time.monotonic() < deadline:
@@ -578,8 +579,8 @@ def packed(args: list[str], k: int = 2) -> list[str]:
 def test_a_packed_array_task_forwards_usr1_to_every_run_and_requeues_once(tmp_path, array_task):
     args, point, calls = array_task
     points = [point, point.parent / "ERK_unfired_d0.2_s0"]
-    shell = subprocess.Popen(["bash", str(SWEEP_SLURM), *packed(args)], env=task_environment(tmp_path), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shell = start_process(["bash", str(SWEEP_SLURM), *packed(args)], env=task_environment(tmp_path), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not all((p / "pid").exists() and (p / "pid").read_text() for p in points) \
@@ -622,7 +623,7 @@ def test_the_scripts_are_shellcheck_clean():
     if shellcheck is None:
         pytest.skip("shellcheck is not installed")
     scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh"))
-    done = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT)
+    done = run_process([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout
 
 
