@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -67,6 +68,14 @@ def cache_path(root: Path, image_size: int) -> Path:
     """Where the decoded images of `<root>/miniImageNet.zip` at `image_size` pixels are cached
     when `root` is writable."""
     return Path(root) / f"miniImageNet_{image_size}px.npz"
+
+
+def _writable(folder: Path) -> bool:
+    """Whether the cache may go into `folder`: the user may write there, and the folder is not
+    marked read-only (no write permission bit), which counts even for root, whom permission bits do
+    not stop (a shared data folder made read-only on purpose). A read-only file system is found
+    when the write fails (`READ_ONLY`)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
 def user_cache_path(zip_path: Path, image_size: int) -> Path:
@@ -134,7 +143,7 @@ def _load_or_decode(zip_path: Path, image_size: int,
             return cached
     images, labels, files, classes = _decode_zip(zip_path, image_size, test_per_class)
     arrays = (images, labels, files, classes)
-    if not _write_cache(beside, key, image_size, *arrays, read_only_ok=True):
+    if not (_writable(zip_path.parent) and _write_cache(beside, key, image_size, *arrays, read_only_ok=True)):
         logger.info("the data folder %s is read-only: caching the decoded images in %s instead",
                     zip_path.parent, elsewhere)
         try:

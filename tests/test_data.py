@@ -4,6 +4,7 @@ Readers run on small files generated here in the official layouts (always) and o
 subsets in ../shared/data (when present; that folder is read-only, so the zip is copied first).
 """
 
+import errno
 import hashlib
 import io
 import math
@@ -315,23 +316,14 @@ def test_miniimagenet_labels_and_split_follow_sorted_names(tmp_path, seed):
 
 
 @pytest.fixture
-def read_only_folder(monkeypatch):
-    """Make a folder read-only (chmod 0o555). Root ignores permission bits, so for root the kernel's
-    refusal is emulated: the cache writer gets EACCES for a file in the folder, as anyone else would."""
+def read_only_folder():
+    """Make a folder read-only (chmod 0o555; for root too, whom the bits do not stop, the reader
+    takes them as the owner's intent); writable again afterwards, so that it can be cleaned up."""
     made: list[Path] = []
 
     def make(folder: Path) -> Path:
         folder.chmod(0o555)
         made.append(folder)
-        if os.geteuid() == 0:
-            real = miniimagenet.write_atomically
-
-            def refuse_in_folder(path, write, **kwargs):
-                if Path(path).parent in made:
-                    raise PermissionError(13, "Permission denied", str(path))
-                return real(path, write, **kwargs)
-
-            monkeypatch.setattr(miniimagenet, "write_atomically", refuse_in_folder)
         return folder
 
     yield make
@@ -366,6 +358,25 @@ def test_miniimagenet_read_only_data_folder_caches_in_the_user_cache(tmp_path, m
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     # Another data folder with its own zip never shares that cache.
     assert user_cache_path(tmp_path / "other" / "miniImageNet.zip", 32) != cache
+
+
+def test_miniimagenet_read_only_file_system_caches_in_the_user_cache(tmp_path, monkeypatch):
+    """A folder that looks writable but refuses the write (a read-only mount: EROFS)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data_dir = tmp_path / "mounted"
+    data_dir.mkdir()
+    write_mini_zip(data_dir / "miniImageNet.zip", GEN_CLASSES)
+    real = miniimagenet.write_atomically
+
+    def read_only_mount(path, write, **kwargs):
+        if Path(path).parent == data_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, write, **kwargs)
+
+    monkeypatch.setattr(miniimagenet, "write_atomically", read_only_mount)
+    load_miniimagenet(data_dir, test_per_class=GEN_TEST_PER_CLASS)
+    assert user_cache_path(data_dir / "miniImageNet.zip", 32).is_file()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["miniImageNet.zip"]
 
 
 def test_miniimagenet_cache_beside_a_read_only_zip_is_read(tmp_path, monkeypatch, read_only_folder, open_calls):
