@@ -56,6 +56,7 @@ DEFAULTS: dict[str, object] = {
     "compile": False,
     "channels_last": None,
     "cudnn_benchmark": False,
+    "tensorboard": False,
 }
 
 FIELDS = [field.name for field in dataclasses.fields(Config)]
