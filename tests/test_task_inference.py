@@ -213,14 +213,28 @@ def run(data_dir: Path, out: Path, *flags: str) -> dict:
     return finished_run("cifar100", data_dir, out, *TINY, *flags)
 
 
-def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes(cifar_dir, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A TINY run with the default: the paper's protocol, task id given only (read, never written)."""
+    out = tmp_path_factory.mktemp("plain") / "none"
+    return out, run(cifar_dir, out)
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The same run with `--task_inference calibrated` (read, never written)."""
+    out = tmp_path_factory.mktemp("calibrated") / "calibrated"
+    return out, run(cifar_dir, out, "--task_inference", "calibrated")
+
+
+def test_task_inference_changes_nothing_the_task_aware_test_or_training_computes(cifar_dir, tmp_path, plain_run):
     """One-shot inference, the one with backward passes, against none (confidence and entropy only
     run forward passes under no_grad; the retest test below checks a confidence run's figures,
     whose task-aware ones share its passes, against passes of their own)."""
-    plain = run(cifar_dir, tmp_path / "none")  # the default: the paper's protocol, task id given only
+    plain_dir, plain = plain_run  # the default: the paper's protocol, task id given only
     assert plain["acc_matrix_agnostic"] is None and plain["task_inference"] == {"method": "none"}
-    assert "task id given only (--task_inference none)" in (tmp_path / "none" / run_dir.LOG_FILE).read_text()
-    weights = run_dir.load_checkpoint(tmp_path / "none" / run_dir.CHECKPOINT_FILE)["model"]
+    assert "task id given only (--task_inference none)" in (plain_dir / run_dir.LOG_FILE).read_text()
+    weights = run_dir.load_checkpoint(plain_dir / run_dir.CHECKPOINT_FILE)["model"]
     for method in ("oneshot",):
         results = run(cifar_dir, tmp_path / method, "--task_inference", method)
         assert results["acc_matrix"] == plain["acc_matrix"]  # bit for bit (JSON keeps every float digit)
@@ -318,17 +332,17 @@ def test_calibrated_methods_find_recognisable_tasks_once_each_network_is_calibra
         assert np.array_equal(row.accuracy, evaluate_row(model, store, classes, loaders, 2, mode="task"))
 
 
-def test_a_calibrated_run_changes_nothing_else_and_calibrates_on_training_images_only(cifar_dir, tmp_path):
+def test_a_calibrated_run_changes_nothing_else_and_calibrates_on_training_images_only(plain_run, calibrated_run,
+                                                                                       tmp_path):
     """The task-aware matrix and the weights are those of a run without inference, bit for bit;
     each task's calibration is that of its network on its task's training images (not its test
     images), and `utils.retest` measures the run's task-agnostic matrix again exactly."""
-    plain = run(cifar_dir, tmp_path / "none")
-    results = run(cifar_dir, tmp_path / "calibrated", "--task_inference", "calibrated")
+    (plain_dir, plain), (calibrated_dir, results) = plain_run, calibrated_run
     assert results["acc_matrix"] == plain["acc_matrix"] and results["task_inference"]["method"] == "calibrated"
-    before, checkpoint = (run_dir.load_checkpoint(tmp_path / name / run_dir.CHECKPOINT_FILE)
-                          for name in ("none", "calibrated"))
+    before, checkpoint = (run_dir.load_checkpoint(folder / run_dir.CHECKPOINT_FILE)
+                          for folder in (plain_dir, calibrated_dir))
     assert all(torch.equal(before["model"][name], checkpoint["model"][name]) for name in before["model"])
-    config, state = retest.saved_run(tmp_path / "calibrated", None, None)
+    config, state = retest.saved_run(calibrated_dir, None, None)
     tasks = retest.matching_tasks(config, state["config"])
     model = build_model(config.net_name, config.num_classes)
     model.load_state_dict(checkpoint["model"])
@@ -339,7 +353,7 @@ def test_a_calibrated_run_changes_nothing_else_and_calibrates_on_training_images
         assert measure_calibration(model, store, task.index, task.classes, train) == measured[task.index]
         assert measure_calibration(model, store, task.index, task.classes, test) != measured[task.index]
     out = tmp_path / "retest.json"
-    assert retest.main([str(tmp_path / "calibrated"), "--methods", "calibrated", "--test_batch_sizes", "64",
+    assert retest.main([str(calibrated_dir), "--methods", "calibrated", "--test_batch_sizes", "64",
                         "--out", str(out)]) == 0
     assert json.loads(out.read_text())["results"][0]["acc_matrix_agnostic"] == results["acc_matrix_agnostic"]
 
@@ -348,10 +362,10 @@ class Killed(BaseException):
     """The process dies here (as under SIGKILL: nothing in the program handles it)."""
 
 
-def test_a_resumed_calibrated_run_ends_as_an_uninterrupted_one(cifar_dir, tmp_path, monkeypatch):
+def test_a_resumed_calibrated_run_ends_as_an_uninterrupted_one(cifar_dir, tmp_path, monkeypatch, calibrated_run):
     """The calibrations of finished tasks come back from the checkpoint (a resumed run does not
     train them again, and the rows after it need them)."""
-    reference = run(cifar_dir, tmp_path / "reference", "--task_inference", "calibrated")
+    _, reference = calibrated_run
     real_train_task, calls = experiment.train_task, []
 
     def dies_in_the_third_task(*args, **kwargs):
