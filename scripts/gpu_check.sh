@@ -119,7 +119,7 @@ if [ "$DRY" = 1 ]; then
 else
     DEVICE=cuda
     # NOT measured on a GPU (none was available): bounds with room, whose sum (540 s, 570 s with the
-    # grace periods) fits one 600 s call of a lent device machine; set them with the --limit-* flags
+    # grace periods) keeps the whole check under 10 minutes; set them with the --limit-* flags
     TEST_LIMIT=${TEST_LIMIT:-150}; BENCH_LIMIT=${BENCH_LIMIT:-270}; LEARN_LIMIT=${LEARN_LIMIT:-120}
     BENCH_ARGS=()
     LEARN_ARGS=(--num_tasks 3 --num_classes 30 --epochs 5)
