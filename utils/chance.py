@@ -18,7 +18,8 @@ NEAR_CHANCE_REASON = ("near chance: the tasks' networks are not calibrated again
 
 
 def chance_percent(candidates: int) -> float:
-    """Percent of test batches a random pick among `candidates` tasks assigns to their own task."""
+    """Percent right of a uniform random pick among `candidates`: tasks for a test batch here
+    (`utils.metrics.chance_accuracy` uses it for classes within a task)."""
     return 100.0 / candidates
 
 

@@ -117,7 +117,7 @@ def chance_accuracy(classes_per_task: int) -> float:
     on it; what the authors' FWT probe is to be compared with."""
     if classes_per_task < 1:
         raise ValueError(f"classes_per_task must be >= 1, got {classes_per_task}")
-    return 100.0 / classes_per_task
+    return chance_percent(classes_per_task)  # a uniform pick among the task's classes
 
 
 def fwt_above_chance(A: ArrayLike, classes_per_task: int) -> float:
