@@ -53,7 +53,7 @@ class MaskedLayer:
     """
 
     __slots__ = ("param", "count", "frozen", "stored", "track_reused", "mask", "fired", "trainable",
-                 "trainable_uint8", "grad_mask", "active", "fired_count", "reused", "momentum", "dense_grad")
+                 "trainable_uint8", "grad_mask", "active", "fired_count", "frozen_count", "reused", "momentum", "dense_grad")
 
     def __init__(self, param: nn.Parameter, count: int, frozen: torch.Tensor | None, track_reused: bool) -> None:
         self.param = param
@@ -61,6 +61,7 @@ class MaskedLayer:
         device = param.device
         self.frozen = torch.zeros_like(param, dtype=torch.bool) if frozen is None else frozen.to(device, torch.bool)
         self.stored = torch.where(self.frozen, param, 0.0)
+        self.frozen_count = int(self.frozen.sum())
         self.track_reused = track_reused
         self.momentum: list[torch.Tensor] = []
         self.dense_grad: torch.Tensor | None = None
@@ -145,9 +146,14 @@ class MaskedLayer:
         rest = random_free_indices(mask | ~fired, k - unfired, inactive_fired, generator)
         return torch.cat([(~fired).nonzero().squeeze(1), rest])
 
-    def top_inactive(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """Flat indices of the k inactive weights with the largest `scores`."""
-        return top_indices(scores.view(-1), k, exclude=self.mask.view(-1))
+    def top_inactive(self, scores: torch.Tensor, k: int, frozen_last: bool) -> torch.Tensor:
+        """Flat indices of the k inactive weights with the largest `scores` (which are >= 0); with
+        `frozen_last`, frozen weights rank below every other inactive weight (as if their score
+        were -1), so they are chosen only when fewer than k others are inactive."""
+        scores = scores.view(-1)
+        if frozen_last and self.frozen_count:
+            scores = scores.masked_fill(self.frozen.view(-1), -1.0)
+        return top_indices(scores, k, exclude=self.mask.view(-1))
 
     def momentum_scores(self) -> torch.Tensor:
         """|m / (sqrt(v) + 1e-8)| of the dense averages (Adam-like), or |buffer| (SGD-like)."""
@@ -213,6 +219,7 @@ class MaskedLayer:
         device = self.param.device
         self.mask, active, self.fired, self.frozen, self.stored = (
             state[key].to(device, copy=True) for key in LAYER_STATE_KEYS)
+        self.frozen_count = int(self.frozen.sum())
         self.momentum = [t.to(device, copy=True) for t in state["momentum"]]
         self.refresh(optimizer)
         self.active = active

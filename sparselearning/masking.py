@@ -91,6 +91,12 @@ class Masking:
         frozen: parameter name -> bool tensor of weights owned by earlier tasks, or None.
         new_weights: where never-used weights entering a later task's initial mask start:
             "zero" (the authors') or "init" (a fresh draw of the layer's default init).
+        regrow_frozen: whether momentum and gradient growth rank earlier tasks' frozen weights by
+            their real scores. False (the default, the authors' behaviour: their code zeroes frozen
+            weights' gradients before ranking) ranks them last, so these growths pick a frozen
+            weight only when fewer than k others are inactive; reuse then comes from the initial
+            mask and random/unfired growth. True lets a new task regrow any frozen weight its
+            gradients favour.
         seed: seeds every random draw of this object (initial mask, random growth) through
             `derive_seed`, so it may equal the seed of the weight initialization. None (the
             default) draws one from torch's global generator: reproducible after
@@ -111,6 +117,7 @@ class Masking:
         total_steps: int,
         frozen: dict[str, torch.Tensor] | None = None,
         new_weights: str = "zero",
+        regrow_frozen: bool = False,
         seed: int | None = None,
     ) -> None:
         _check_choice("sparse_init", sparse_init, SPARSE_INITS)
@@ -132,6 +139,7 @@ class Masking:
         self.update_frequency = update_frequency
         self.total_steps = total_steps
         self.new_weights = new_weights
+        self.regrow_frozen = regrow_frozen
         self.seed = int(torch.randint(2**62, ())) if seed is None else seed
         self._frozen_arg = frozen
         self.steps = 0
@@ -275,7 +283,8 @@ class Masking:
         - random: uniformly among the inactive weights;
         - unfired: uniformly among the weights never in this task's mask, and when fewer than
           k are left, all of them and the rest uniformly among the inactive ones;
-        - momentum, gradient: the largest `growth_scores` among the inactive weights.
+        - momentum, gradient: the largest `growth_scores` among the inactive weights; frozen
+          weights rank below all others unless `regrow_frozen`.
 
         Dense layers (ERK can make small layers dense) have nothing to exchange.
         """
@@ -291,7 +300,7 @@ class Masking:
                 elif self.growth == "unfired":
                     grown = layer.unfired_first(k, self.generator)
                 else:
-                    grown = layer.top_inactive(self.growth_scores(name), k)
+                    grown = layer.top_inactive(self.growth_scores(name), k, frozen_last=not self.regrow_frozen)
                 layer.grow(slots, pruned, grown, self.optimizer)
         for layer in self.layers.values():
             layer.dense_grad = None

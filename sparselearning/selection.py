@@ -5,6 +5,10 @@ A prune-and-grow cycle needs tens of thousands of winners per layer, so instead 
 a threshold off a strided sample, keep the entries at or above it (a few percent more than
 k), and run `topk` on those. The answer is exact: when the threshold lets through
 fewer than k entries we fall back to a full `topk`.
+
+The answer is also the same on every device: `topk` leaves open which of several equal scores
+at the k-th place it returns, and CPU and CUDA choose differently; here the lowest indices win,
+and the indices come back in ascending order.
 """
 
 import math
@@ -26,8 +30,9 @@ def sample_stride(n: int) -> int:
 
 
 def top_indices(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat indices of the `k` largest entries of the 1-D tensor `scores` (ties broken by topk),
-    leaving out the entries where the bool tensor `exclude` is True (there must be k others)."""
+    """Flat indices, ascending, of the `k` largest entries of the 1-D tensor `scores` (of equal
+    scores at the k-th place, the lowest indices), leaving out the entries where the bool tensor
+    `exclude` is True (there must be k others)."""
     n = scores.numel()
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
@@ -54,13 +59,25 @@ def top_indices(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = Non
     candidates = above.nonzero().squeeze(1)
     if candidates.numel() < k:
         return _full_topk(scores, k, exclude)
-    return candidates.index_select(0, torch.topk(scores.index_select(0, candidates), k, sorted=False).indices)
+    return candidates.index_select(0, _top_lowest_first(scores.index_select(0, candidates), k))
 
 
 def _full_topk(scores: torch.Tensor, k: int, exclude: torch.Tensor | None) -> torch.Tensor:
     if exclude is not None:
         scores = scores.masked_fill(exclude, float("-inf"))
-    return torch.topk(scores, min(k, scores.numel()), sorted=False).indices
+    return _top_lowest_first(scores, min(k, scores.numel()))
+
+
+def _top_lowest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices, ascending, of the k largest entries of `scores`, of equal ones at the k-th place
+    the lowest: every entry above the k-th largest value, then as many of those equal to it as
+    are missing, in index order. No host synchronization."""
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    above = scores > kth
+    tied = scores == kth
+    missing = k - above.sum()
+    chosen = above | (tied & (tied.cumsum(0) <= missing))
+    return chosen.nonzero_static(size=k).squeeze(1)
 
 
 def random_free_indices(taken: torch.Tensor, k: int, free: int, generator: torch.Generator) -> torch.Tensor:

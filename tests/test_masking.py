@@ -468,6 +468,8 @@ def test_gradient_growth_via_step_uses_dense_gradient():
     for n in MASKABLE:
         new = mask.masks[n]
         grown = new & ~old[n]
+        if grads[n][~old[n]].max() == 0:  # every weight inactive before the update ties at 0 (dead
+            continue                      # ReLU units): the lowest indices may be the pruned ones
         assert grown.sum() > 0, n
         # every grown entry scores at least as high as every entry left inactive
         # (dead ReLU units give exact-zero gradients, so ties at 0 are allowed)
@@ -1001,3 +1003,52 @@ def test_a_model_with_shared_biases_or_running_statistics_gets_one_warning(caplo
     Masking(make_opt("adam0", safe.parameters()), density=0.3, update_frequency=0, total_steps=10,
             seed=0).add_module(safe)
     assert "not isolated" not in caplog.text
+
+
+@pytest.mark.parametrize("growth", ["gradient", "momentum"])
+@pytest.mark.parametrize("regrow_frozen", [False, True])
+def test_score_growth_ranks_frozen_weights_last_unless_asked(growth, regrow_frozen):
+    """As the authors' code (which zeroes frozen weights' gradients before growth ranks them):
+    momentum and gradient growth take a frozen weight only when no other inactive one is left;
+    with regrow_frozen they rank frozen weights by their real scores like any other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30, bias=False))
+    frozen = {"0.weight": torch.rand(30, 40, generator=torch.Generator().manual_seed(3)) < 0.5}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mask = Masking(opt, density=0.3, sparse_init="uniform", growth=growth, update_frequency=0,
+                   total_steps=10**6, frozen=frozen, regrow_frozen=regrow_frozen, seed=0)
+    mask.add_module(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 40, generator=g)), torch.randint(0, 30, (8,), generator=g)).backward()
+        mask.step()
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(8, 40, generator=g)), torch.randint(0, 30, (8,), generator=g)).backward()
+    scores = mask.growth_scores("0.weight").clone()
+    old = mask.masks["0.weight"].clone()
+    mask.update_topology()
+    new, is_frozen = mask.masks["0.weight"], frozen["0.weight"]
+    grown = new & ~old
+    frozen_grown = int((grown & is_frozen).sum())
+    if regrow_frozen:
+        assert frozen_grown > 0  # the real scores favour some frozen weights
+        assert scores[grown].min() >= scores[~new].max()
+    else:
+        assert frozen_grown == 0  # 30 % density: plenty of free, unfrozen weights to grow
+        free = ~new & ~is_frozen
+        assert scores[grown].min() >= scores[free].max()
+
+
+def test_frozen_last_still_grows_frozen_weights_when_nothing_else_is_free():
+    model = nn.Sequential(nn.Linear(20, 10, bias=False))
+    frozen = {"0.weight": torch.ones(10, 20, dtype=torch.bool)}
+    frozen["0.weight"].view(-1)[:5] = False  # 5 unfrozen weights, far fewer than a growth takes
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mask = Masking(opt, density=0.5, sparse_init="uniform", growth="gradient", update_frequency=1,
+                   total_steps=100, frozen=frozen, seed=0)
+    mask.add_module(model)
+    F.cross_entropy(model(torch.randn(4, 20)), torch.tensor([0, 1, 2, 3])).backward()
+    mask.step()  # the update: k = 50 pruned and regrown
+    assert int(mask.masks["0.weight"].sum()) == 100
+    assert mask.masks["0.weight"].view(-1)[:5].all()  # the unfrozen inactive ones first

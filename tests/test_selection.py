@@ -61,3 +61,17 @@ def test_random_free_indices_are_uniform_over_the_free_entries(device):
     blocks = free.view(10, -1).mean(1)
     assert torch.all((blocks - expected).abs() < 0.5), blocks
     assert abs(free.var().item() - rounds * 0.2 * 0.8) < 1.5  # binomial spread: no duplicates, no bias
+
+
+@pytest.mark.parametrize("n,k", [(50, 7), (300_000, 1000), (300_000, 150_000)])
+def test_top_indices_ties_go_to_the_lowest_indices_in_ascending_order(n, k, device):
+    """topk leaves open which of equal scores at the k-th place it returns (CPU and CUDA differ);
+    the answer here is fixed: all above the k-th value, then the lowest-index ties, ascending."""
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randint(0, 5, (n,), generator=g).float()
+    got = top_indices(scores.to(device), k).cpu()
+    assert torch.equal(got, torch.sort(got).values)
+    kth = torch.sort(scores, descending=True).values[k - 1]
+    ties = (scores == kth).nonzero().squeeze(1)
+    expected = torch.cat([(scores > kth).nonzero().squeeze(1), ties[: k - int((scores > kth).sum())]])
+    assert torch.equal(got, torch.sort(expected).values)

@@ -71,7 +71,7 @@ running averages), and a single image has no batch statistics to learn from."""
 
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = (
     "output_dir", "resume", "overwrite", "data_dir", "download", "checkpoint_every", "checkpoint_minutes",
-    "tensorboard")
+    "tensorboard", "lock_stale_minutes")
 """Settings that do not change a run's results: a report's table may mix runs that differ in
 them. Not ``device``: a CPU and a CUDA run of one seed draw different random streams, so they
 are different experiments."""
@@ -127,6 +127,9 @@ class Config:
     channels_last: bool | None
     cudnn_benchmark: bool
     tensorboard: bool = False
+    deterministic: bool = True
+    regrow_frozen: bool = False
+    lock_stale_minutes: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (paths become strings), in field order."""
@@ -323,6 +326,10 @@ def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
     sparse.add_argument("--new_weights", choices=NEW_WEIGHTS, default="zero",
                         help="never-used weights entering a later task's mask start at zero "
                         "(authors) or at a fresh draw of the layer's default init")
+    sparse.add_argument("--regrow_frozen", action=argparse.BooleanOptionalAction, default=False,
+                        help="let momentum and gradient growth rank earlier tasks' (frozen) weights by their "
+                        "real gradients too (default: off, as the authors: frozen weights rank last, so "
+                        "only the initial mask and random/unfired growth reuse them)")
 
 
 def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
@@ -345,6 +352,10 @@ def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
     run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
                      help="also log the per-epoch metrics as TensorBoard events in <output_dir>/tensorboard "
                      "(needs the optional tensorboard package); metrics.csv is always written")
+    run.add_argument("--lock_stale_minutes", type=_finite_float, default=10.0,
+                     help="a run directory's lock file whose holder has not refreshed its heartbeat for this "
+                     "many minutes counts as left by a dead run and is taken over (shared file systems "
+                     "where flock does not work)")
     run.add_argument("--max_batches", type=int, default=None,
                      help="cap on batches per epoch, for debugging and smoke runs "
                      "(default: None = no cap)")
@@ -365,6 +376,10 @@ def _add_speed_flags(speed: argparse._ArgumentGroup) -> None:
                        help="let cuDNN time its convolution algorithms at the first batches and keep the "
                        "fastest (CUDA only; a no-op with a notice elsewhere); the choice may differ between "
                        "processes, so such runs are not bit-repeatable")
+    speed.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                       help="deterministic algorithms (cuDNN deterministic, torch.use_deterministic_algorithms, "
+                       "CUBLAS_WORKSPACE_CONFIG) so that a GPU run repeats bit for bit; --no-deterministic lets "
+                       "CUDA pick faster non-deterministic kernels (CPU runs are deterministic either way)")
 
 
 def _validate_device(name: str) -> str:
@@ -460,6 +475,7 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
     _require(args.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     _require(args.checkpoint_minutes >= 0, f"--checkpoint_minutes must be >= 0, got {args.checkpoint_minutes}")
+    _require(args.lock_stale_minutes > 0, f"--lock_stale_minutes must be > 0, got {args.lock_stale_minutes}")
     _require(args.max_batches is None or args.max_batches >= 1,
              f"--max_batches must be >= 1, got {args.max_batches}")
     _require(

@@ -133,7 +133,8 @@ class TaskTraining:
             self.optimizer, density=config.density, sparse_init=config.sparse_init, death=config.death,
             growth=config.growth, death_rate=config.death_rate, update_frequency=config.update_frequency,
             total_steps=config.epochs * batches_per_epoch(self.loader, config), frozen=frozen,
-            new_weights=config.new_weights, seed=derive_seed(config.seed, MASK_STREAM, self.task.index),
+            new_weights=config.new_weights, regrow_frozen=config.regrow_frozen,
+            seed=derive_seed(config.seed, MASK_STREAM, self.task.index),
         )
         masking.add_module(self.model)
         return masking
