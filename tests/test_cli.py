@@ -57,6 +57,9 @@ DEFAULTS: dict[str, object] = {
     "channels_last": None,
     "cudnn_benchmark": False,
     "tensorboard": False,
+    "deterministic": True,
+    "regrow_frozen": False,
+    "lock_stale_minutes": 10.0,
 }
 
 FIELDS = [field.name for field in dataclasses.fields(Config)]
@@ -298,7 +301,8 @@ def test_malformed_flags_are_one_line_user_errors(argv: list[str]) -> None:
     assert argv[0].split("=")[0] in text or "invalid" in text
 
 
-FLOAT_FLAGS = ["--lr", "--momentum", "--l2", "--density", "--death_rate", "--checkpoint_minutes"]
+FLOAT_FLAGS = ["--lr", "--momentum", "--l2", "--density", "--death_rate", "--checkpoint_minutes",
+               "--lock_stale_minutes"]
 
 
 def test_every_float_flag_is_checked_for_finiteness() -> None:

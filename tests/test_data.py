@@ -787,3 +787,19 @@ def test_random_flip_statistics(pad):
         assert torch.all(is_original ^ is_flipped)
     eval_x, _ = epoch(TensorLoader(split, batch_size=256, train=False, pad=pad, **IDENTITY))
     assert torch.equal(to_pixels(eval_x), split.images)
+
+
+def test_a_task_with_one_training_image_is_one_line_and_exit_2(tmp_path, capsys):
+    """A one-class task whose class has a single training image cannot make a training batch."""
+    from tests.conftest import write_fake_cifar
+    from utils.entry import main
+
+    write_fake_cifar(tmp_path / "data", {"train": 1, "test": 3})
+    out = tmp_path / "run"
+    code = main("cifar100", ["--data_dir", str(tmp_path / "data"), "--num_tasks", "2", "--num_classes", "2",
+                             "--num_classes_per_task", "1", "--epochs", "1", "--device", "cpu",
+                             "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "task 0 (classes [0]) has 1 training image(s)" in err and "Traceback" not in err
+    assert not out.exists()  # checked before the run's directory is made

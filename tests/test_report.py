@@ -155,6 +155,22 @@ def test_failed_and_unfinished_runs_are_listed_not_dropped(runs_dir):
     assert "35 runs found: 32 complete, 1 failed, 2 unfinished" in text
 
 
+def test_damaged_and_foreign_results_are_listed_not_dropped(tmp_path):
+    fake_run(tmp_path / "good", 60.0)
+    cut = tmp_path / "cut"
+    fake_run(cut, 50.0)
+    (cut / "results.json").write_text((cut / "results.json").read_text()[:40])  # cut short
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text('{"loss": 0.1}')  # another program's
+    text = run_report(tmp_path, "--no-figures")
+    assert "3 runs found: 1 complete, 0 failed, 0 unfinished, 2 unreadable" in text
+    left_out = text.split("## Runs not in the tables", 1)[1]
+    assert f"- unreadable (its results.json is damaged (not valid JSON; cut short?)): `{cut}`" in left_out
+    assert f"not a run's results (no config and acc_matrix; another program's?)): `{tmp_path / 'other'}`" in left_out
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())))
+    assert sorted(row["status"] for row in rows) == ["complete", "unreadable", "unreadable"]
+
+
 def test_csv_has_one_row_per_run_with_its_status_settings_and_metrics(runs_dir):
     run_report(runs_dir, "--no-figures")
     rows = list(csv.DictReader(io.StringIO((runs_dir / "report.csv").read_text())))
@@ -276,3 +292,9 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys, make):
     assert report.main([str(make(tmp_path))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_bad_flag_is_one_line_and_exit_2(tmp_path, capsys):
+    assert report.main([str(tmp_path), "--figures-please"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--figures-please" in err and "usage" not in err

@@ -309,6 +309,21 @@ def test_retest_refuses_what_it_cannot_measure_exactly(cifar_dir, tmp_path, caps
     assert "isolated sparse run" in capsys.readouterr().err
 
 
+def test_retest_answers_a_bad_flag_in_one_line_and_keeps_files_it_did_not_write(recognisable, tmp_path, capsys):
+    run_folder, _ = recognisable
+    assert retest.main([str(run_folder), "--methods", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--methods" in err and "usage" not in err
+    foreign = tmp_path / "retest.json"
+    foreign.write_text('{"mine": true}')
+    assert retest.main([str(run_folder), "--methods", "confidence", "--test_batch_sizes", "16",
+                        "--out", str(foreign)]) == 2
+    assert "was not written by utils.retest" in capsys.readouterr().err
+    assert foreign.read_text() == '{"mine": true}'
+    assert retest.main([str(run_folder), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 def test_oneshot_needs_masks(capsys):
     assert main("cifar100", ["--no-sparse", "--task_inference", "oneshot", "--device", "cpu"]) == 2
     assert "needs --sparse" in capsys.readouterr().err

@@ -202,7 +202,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Reports a malformed command line as a UserError: one line, exit code 2, no usage dump."""
 
     def error(self, message: str):
@@ -221,7 +221,7 @@ def _default_device() -> str:
 def build_parser(benchmark: str) -> argparse.ArgumentParser:
     """The argument parser of ``benchmark``'s entry script ("cifar100" or "miniImageNet")."""
     _check_benchmark(benchmark)
-    parser = _Parser(
+    parser = OneLineParser(
         prog=SCRIPTS[benchmark],
         description=(
             "Task-incremental continual learning with dynamic sparse training "

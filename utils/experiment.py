@@ -20,10 +20,10 @@ from sparselearning import TaskMasks
 from utils import run_dir, run_lock
 from utils.acceleration import Acceleration
 from utils.chance import found_note
-from utils.cli import Config
+from utils.cli import MIN_BATCH, Config
 from utils.environment import environment
 from utils.epoch_metrics import TensorBoardLog, mark_tested, metrics_csv
-from utils.errors import NonFiniteLoss, RunStopped
+from utils.errors import NonFiniteLoss, RunStopped, UserError
 from utils.evaluation import EvaluatedNetworks, evaluate_row
 from utils.metrics import (AGNOSTIC_KEYS, METRIC_KEYS, format_agnostic_report, format_report, fwt_meaning,
                            summarize, summarize_agnostic)
@@ -42,6 +42,12 @@ def build_tasks(config: Config) -> list[Task]:
     k = config.num_classes_per_task
     train_tasks = split_tasks(train, order, config.num_tasks, k)
     test_tasks = split_tasks(test, order, config.num_tasks, k)
+    for t, split in enumerate(train_tasks):
+        if len(split.labels) < MIN_BATCH:
+            raise UserError(
+                f"task {t} (classes {order[t * k:(t + 1) * k]}) has {len(split.labels)} training image(s) in "
+                f"{config.data_dir}: a training batch needs at least {MIN_BATCH} (BatchNorm normalizes with the "
+                "statistics of each batch); use data with more images per class or more --num_classes_per_task")
     return [Task(t, slice(t * k, (t + 1) * k), train_tasks[t], test_tasks[t]) for t in range(config.num_tasks)]
 
 

@@ -19,9 +19,10 @@ Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS
     warning when they differ in a setting the table does not show (the cells would mix them).
     Runs that also tested with the task id hidden (``--task_inference``) get a second table of the
     same layout: the task-agnostic final ACC and the BWT of the task-agnostic matrix.
-    Then every run that is not in a table: failed (its results.json says ``"complete": false``)
-    and unfinished (started: config.json or a checkpoint, but no results.json; maybe still running,
-    maybe crashed).
+    Then every run that is not in a table: failed (its results.json says ``"complete": false``),
+    unfinished (started: config.json or a checkpoint, but no results.json; maybe still running,
+    maybe crashed) and unreadable (a results.json that cannot be read or parsed, or is not a run's
+    results: damaged, or written by another program), each with its folder.
 ``report.csv``
     One row per run, failed and unfinished ones included (column ``status``): the settings, the
     table row and sparsity it belongs to, the metrics, and its directory. A table cell is the set
@@ -57,7 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from sparselearning import write_atomically
-from utils.cli import RESULT_NEUTRAL_SETTINGS
+from utils.cli import RESULT_NEUTRAL_SETTINGS, OneLineParser
+from utils.errors import UserError
 from utils.metrics import fwt_above_chance
 from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, FINGERPRINT, PROGRESS_FILE, RESULTS_FILE, write_text
 
@@ -79,12 +81,14 @@ CSV_METRICS = ("acc", "bwt", "fwt", "fwt_above_chance", "forgetting", "acc_agnos
 
 @dataclass(frozen=True)
 class Run:
-    """One run directory: ``status`` is "complete", "failed" (stopped early) or "unfinished"."""
+    """One run directory: ``status`` is "complete", "failed" (stopped early), "unfinished" or
+    "unreadable" (its results.json is damaged or not a run's; ``problem`` says which)."""
 
     directory: Path
     status: str
     config: dict[str, Any]
     results: dict[str, Any] | None = None
+    problem: str | None = None
 
     @property
     def benchmark(self) -> tuple[str, int, int]:
@@ -105,17 +109,34 @@ def is_run_results(results: Any) -> bool:
     return isinstance(results, dict) and isinstance(results.get("config"), dict) and "acc_matrix" in results
 
 
+def results_problem(path: Path) -> str | None:
+    """Why the results.json at ``path`` is not a run's results (None: it is)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        return f"cannot be read ({getattr(error, 'strerror', None) or error})"
+    try:
+        results = json.loads(text)
+    except ValueError:
+        return "damaged (not valid JSON; cut short?)"
+    return None if is_run_results(results) else "not a run's results (no config and acc_matrix; another program's?)"
+
+
 def find_runs(root: Path) -> list[Run]:
-    """Every run below ``root`` (``root`` itself included), sorted by directory. A results.json
-    that is not a run's results is ignored."""
+    """Every run below ``root`` (``root`` itself included), sorted by directory; a results.json
+    that is not a run's results is listed as "unreadable", never dropped."""
     runs = []
     for path in root.rglob(RESULTS_FILE):
+        problem = results_problem(path)
+        if problem is not None:
+            config = read_json(path.parent / CONFIG_FILE)
+            runs.append(Run(path.parent, "unreadable", config if isinstance(config, dict) else {}, problem=problem))
+            continue
         results = read_json(path)
-        if is_run_results(results):
-            status = "complete" if results.get("complete", True) else "failed"
-            if results.get("resumable"):  # stopped by a signal, saved: --resume continues it
-                status = "unfinished"
-            runs.append(Run(path.parent, status, results["config"], results))
+        status = "complete" if results.get("complete", True) else "failed"
+        if results.get("resumable"):  # stopped by a signal, saved: --resume continues it
+            status = "unfinished"
+        runs.append(Run(path.parent, status, results["config"], results))
     started = {p.parent for name in (CONFIG_FILE, CHECKPOINT_FILE, PROGRESS_FILE) for p in root.rglob(name)}
     for directory in started:
         if not (directory / RESULTS_FILE).exists():
@@ -298,21 +319,25 @@ def table_section(table: Table, figures: list[Path]) -> str:
 def left_out_section(runs: Sequence[Run]) -> str:
     failed = [run for run in runs if run.status == "failed"]
     unfinished = [run for run in runs if run.status == "unfinished"]
-    if not failed and not unfinished:
+    unreadable = [run for run in runs if run.status == "unreadable"]
+    if not failed and not unfinished and not unreadable:
         return "## Runs not in the tables\n\nNone: every run found is complete."
     lines = ["## Runs not in the tables", ""]
     lines += [f"- failed (stopped early, results.json has \"complete\": false): `{run.directory}`" for run in failed]
     lines += [f"- unfinished (no results.json: still running, or stopped): `{run.directory}`" if run.results is None
               else f"- unfinished (stopped by a signal, saved: --resume continues it): `{run.directory}`"
               for run in unfinished]
+    lines += [f"- unreadable (its results.json is {run.problem}): `{run.directory}`" for run in unreadable]
     return "\n".join(lines)
 
 
 def markdown_report(root: Path, runs: Sequence[Run], tables: Sequence[Table],
                     figures: dict[tuple[str, int, int], list[Path]], figures_note: str) -> str:
-    counts = {status: sum(run.status == status for run in runs) for status in ("complete", "failed", "unfinished")}
+    counts = {status: sum(run.status == status for run in runs)
+              for status in ("complete", "failed", "unfinished", "unreadable")}
+    unreadable = f", {counts['unreadable']} unreadable" if counts["unreadable"] else ""
     intro = (f"# Report of {root}\n\n{len(runs)} runs found: {counts['complete']} complete, "
-             f"{counts['failed']} failed, {counts['unfinished']} unfinished. {figures_note}")
+             f"{counts['failed']} failed, {counts['unfinished']} unfinished{unreadable}. {figures_note}")
     sections = [intro, *(table_section(table, figures.get(table.benchmark, [])) for table in tables),
                 left_out_section(runs)]
     return "\n\n".join(sections) + "\n"
@@ -559,13 +584,17 @@ def report(root: Path, out: Path, runs: Sequence[Run], figures: bool = True) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.report",
+    parser = OneLineParser(prog="python -m utils.report",
                                      description="Tables (report.md, report.csv) and figures of the runs "
                                                  "below RUNS_DIR.")
     parser.add_argument("root", metavar="RUNS_DIR", type=Path, help="folder holding the runs (searched recursively)")
     parser.add_argument("--out", type=Path, help="where to write the report (default: RUNS_DIR)")
     parser.add_argument("--no-figures", action="store_true", help="only the tables, even with matplotlib")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from models import build_model
 from sparselearning import TaskMasks
 from utils import run_dir
 from utils.acceleration import Acceleration
-from utils.cli import Config, parse_config
+from utils.cli import Config, OneLineParser, parse_config
 from utils.errors import UserError
 from utils.evaluation import EvaluatedNetworks, evaluate_row
 from utils.experiment import build_tasks
@@ -128,8 +129,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m utils.retest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m utils.retest", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run's output directory (holding checkpoint.pt)")
     parser.add_argument("--methods", nargs="+", choices=INFERENCE_METHODS[1:], default=list(INFERENCE_METHODS[1:]))
     parser.add_argument("--test_batch_sizes", nargs="+", type=int, default=[16, 64, 128])
@@ -139,16 +140,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def is_retest_file(data: Any) -> bool:
+    """Whether `data` (a parsed JSON file) is what this program writes."""
+    return isinstance(data, dict) and set(data) == {"run", "config", "results"} and isinstance(data["results"], list)
+
+
+def check_out(out: Path) -> None:
+    """UserError unless `out` may be written: absent, or a retest file this program wrote."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name (e.g. {out / 'retest.json'})")
+    if out.exists():
+        try:
+            data = json.loads(out.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not is_retest_file(data):
+            raise UserError(f"{out} exists and was not written by utils.retest: not replaced; move it or give --out FILE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        args = parse_args(argv)
         if min(args.test_batch_sizes) < 2:
             raise UserError("--test_batch_sizes: a batch needs at least 2 images (BatchNorm uses batch statistics)")
+        out = args.out or args.run_dir / "retest.json"
+        check_out(out)
         config, state = saved_run(args.run_dir, args.device, args.data_dir)
         tasks = matching_tasks(config, state["config"])
         results = retest(config, state, tasks, args.methods, args.test_batch_sizes)
-        out = args.out or args.run_dir / "retest.json"
+        check_out(out)  # again: the retest may have taken hours
         run_dir.write_json(out, {"run": str(args.run_dir), "config": config.to_dict(), "results": results})
     except (UserError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
