@@ -13,12 +13,12 @@ from data.errors import DataError
 from data.loader import TensorLoader
 from data.miniimagenet import load_miniimagenet
 from data.split import DATASET_STATS, Normalization, Split
-from data.tasks import CLASS_ORDER_MODES, class_order, split_tasks
+from data.tasks import CLASS_ORDER_MODES, class_order, first_per_class, split_tasks
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Split", "Normalization", "DataError", "load_dataset", "DATASET_STATS", "CLASS_ORDER_MODES",
-           "class_order", "split_tasks", "TensorLoader"]
+           "class_order", "first_per_class", "split_tasks", "TensorLoader"]
 
 
 def load_dataset(

@@ -69,3 +69,24 @@ def split_tasks(
         idx = torch.nonzero((new_labels >= lo) & (new_labels < hi)).squeeze(1)
         tasks.append(split._replace(images=split.images[idx].contiguous(), labels=new_labels[idx]))
     return tasks
+
+
+def first_per_class(split: Split, n: int | None) -> Split:
+    """The split with only the first `n` images of each class, in the split's order (all of them
+    when `n` is None or a class has fewer): a smaller, deterministic version of the same data."""
+    if n is None:
+        return split
+    if n < 1:
+        raise DataError(f"need at least one image per class, got {n}")
+    labels = split.labels
+    if not labels.numel():
+        return split
+    order = torch.argsort(labels, stable=True)  # by class, each class in the split's order
+    sorted_labels = labels[order]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - starts  # position of each image within its class
+    keep = torch.nonzero(rank < n).squeeze(1)
+    if keep.numel() == labels.numel():
+        return split
+    return split._replace(images=split.images[keep].contiguous(), labels=labels[keep])

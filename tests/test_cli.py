@@ -60,6 +60,7 @@ DEFAULTS: dict[str, object] = {
     "deterministic": True,
     "regrow_frozen": False,
     "lock_stale_minutes": 10.0,
+    "train_per_class": None,
 }
 
 FIELDS = [field.name for field in dataclasses.fields(Config)]

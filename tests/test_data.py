@@ -803,3 +803,31 @@ def test_a_task_with_one_training_image_is_one_line_and_exit_2(tmp_path, capsys)
     assert code == 2
     assert "task 0 (classes [0]) has 1 training image(s)" in err and "Traceback" not in err
     assert not out.exists()  # checked before the run's directory is made
+
+
+def test_first_per_class_keeps_each_class_s_first_images_in_order():
+    labels = torch.tensor([3, 1, 3, 3, 1, 2, 1, 3])
+    images = torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 3, 2, 2).contiguous()
+    split = Split(images, labels, DATASET_STATS["cifar100"])
+    kept = data.first_per_class(split, 2)
+    assert kept.labels.tolist() == [3, 1, 3, 1, 2]
+    assert kept.images[:, 0, 0, 0].tolist() == [0, 1, 2, 4, 5]  # the first two of each class, in order
+    assert kept.normalization == split.normalization
+    assert data.first_per_class(split, None) is split and data.first_per_class(split, 4) is split
+    with pytest.raises(DataError):
+        data.first_per_class(split, 0)
+
+
+def test_train_and_test_per_class_cap_a_cifar_run_s_tasks(cifar_dir):
+    from utils.cli import parse_config
+    from utils.experiment import build_tasks
+
+    flags = ["--data_dir", str(cifar_dir), "--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2",
+             "--device", "cpu"]
+    full = build_tasks(parse_config(flags, "cifar100"))
+    small = build_tasks(parse_config([*flags, "--train_per_class", "7", "--test_per_class", "3"], "cifar100"))
+    for task, whole in zip(small, full):
+        assert torch.bincount(task.train.labels).tolist()[-2:] == [7, 7]
+        assert torch.bincount(task.test.labels).tolist()[-2:] == [3, 3]
+        for c in task.train.labels.unique():
+            assert torch.equal(task.train.images[task.train.labels == c], whole.train.images[whole.train.labels == c][:7])

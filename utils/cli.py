@@ -127,6 +127,7 @@ class Config:
     channels_last: bool | None
     cudnn_benchmark: bool
     tensorboard: bool = False
+    train_per_class: int | None = None
     deterministic: bool = True
     regrow_frozen: bool = False
     lock_stale_minutes: float = 10.0
@@ -267,7 +268,11 @@ def _add_data_flags(data: argparse._ArgumentGroup, benchmark: str) -> None:
     data.add_argument("--image_size", type=int, default=32,
                       help="side of the (square) input images in pixels, >= 8")
     data.add_argument("--test_per_class", type=int, default=100,
-                      help="miniImageNet: test images held out per class")
+                      help="test images per class: miniImageNet holds out this many per class; CIFAR-100 "
+                      "tests on the first this many of each class's 100")
+    data.add_argument("--train_per_class", type=int, default=None,
+                      help="train on the first N training images of each class only (default: all; for "
+                      "small studies on a CPU)")
 
 
 def _add_training_flags(train: argparse._ArgumentGroup, benchmark: str) -> None:
@@ -456,7 +461,7 @@ def _validate_split(args: argparse.Namespace, benchmark: str) -> None:
         args.num_classes <= DATASET_CLASSES,
         f"--num_classes {args.num_classes}: {benchmark} has only {DATASET_CLASSES} classes",
     )
-    _require(benchmark != "miniImageNet" or args.test_per_class * args.num_classes_per_task >= MIN_BATCH,
+    _require(args.test_per_class * args.num_classes_per_task >= MIN_BATCH,
              f"--test_per_class 1 with --num_classes_per_task 1 tests each task on one image ({one_image})")
 
 
@@ -475,6 +480,8 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
     _require(args.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     _require(args.checkpoint_minutes >= 0, f"--checkpoint_minutes must be >= 0, got {args.checkpoint_minutes}")
+    _require(args.train_per_class is None or args.train_per_class >= MIN_BATCH,
+             f"--train_per_class must be >= {MIN_BATCH}, got {args.train_per_class}")
     _require(args.lock_stale_minutes > 0, f"--lock_stale_minutes must be > 0, got {args.lock_stale_minutes}")
     _require(args.max_batches is None or args.max_batches >= 1,
              f"--max_batches must be >= 1, got {args.max_batches}")
