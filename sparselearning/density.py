@@ -1,9 +1,23 @@
 """How many weights each layer may use: the `uniform` and `ERK` density allocations."""
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
+from sparselearning.checks import check_real
+
 SPARSE_INITS = ("ERK", "uniform")
+
+
+def _check_shapes(shapes: object) -> None:
+    """`shapes` must map layer names to non-empty sequences of positive ints (a weight's shape)."""
+    if not isinstance(shapes, Mapping):
+        raise ValueError(f"shapes must be a dict of layer name -> weight shape, got {type(shapes).__name__}")
+    for name, shape in shapes.items():
+        if (not isinstance(shape, Sequence) or isinstance(shape, str) or not shape
+                or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape)):
+            raise ValueError(f"shapes[{name!r}] must be a weight's shape, a non-empty sequence of positive ints, "
+                             f"got {shape!r}")
 
 
 def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, sparse_init: str) -> dict[str, float]:
@@ -15,8 +29,8 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, sparse_
     are denser. Layers whose density would exceed 1 are made dense, one at a time, largest
     score first, and the others are rescaled so the total stays `density`.
     """
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+    _check_shapes(shapes)
+    density = check_real("density", density, 0, 1, low_open=True)
     if sparse_init == "uniform":
         return {name: density for name in shapes}
     if sparse_init != "ERK":

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparselearning.checks import check_int, check_mask_dict, check_mask_shapes
 from sparselearning.selection import random_free_indices, top_indices
 
 # The per-layer entries of `Masking.state_dict()` (each a dict by parameter name), besides
@@ -56,6 +57,14 @@ class MaskedLayer:
                  "trainable_uint8", "grad_mask", "active", "fired_count", "frozen_count", "reused", "momentum", "dense_grad")
 
     def __init__(self, param: nn.Parameter, count: int, frozen: torch.Tensor | None, track_reused: bool) -> None:
+        """`frozen`: bool tensor of `param`'s shape (on any device: copied to `param`'s), or None."""
+        if not isinstance(param, torch.Tensor):
+            raise ValueError(f"param must be a tensor (the weight), got {type(param).__name__}")
+        count = check_int("count", count, minimum=0)
+        if count > param.numel():
+            raise ValueError(f"count {count} exceeds the weight's {param.numel()} entries")
+        if frozen is not None:
+            check_mask_shapes("frozen", check_mask_dict("frozen", {"weight": frozen}), {"weight": param.shape})
         self.param = param
         self.count = count
         device = param.device
@@ -74,6 +83,9 @@ class MaskedLayer:
         model holds consolidated weights) the weights become the stored values where frozen
         and `new_values` elsewhere."""
         p = self.param
+        if indices.dim() != 1 or indices.numel() != self.count:
+            raise ValueError(f"indices must be {self.count} flat indices (the layer's count), "
+                             f"got a tensor of shape {tuple(indices.shape)}")
         mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
         mask[indices] = True
         self.mask = mask.view_as(p)

@@ -29,6 +29,11 @@ The optimizer must be one of `SUPPORTED_OPTIMIZERS` (SGD, Adam, AdamW, RMSprop, 
 not): `step` zeroes the gradients of the non-trainable weights, which keeps them and their
 optimizer state unchanged only for optimizers whose update of a weight with zero gradient and
 zero state is zero and leaves that state zero. Other optimizers are refused.
+
+A `Masking` serves one task, in this order: `add_module(model)` once, then `step()` (and
+`update_topology()`, `load_state_dict()`) while training, then `consolidate()` once. A call out
+of that order raises `RuntimeError`; after `consolidate()` only reads (`capacity()`,
+`state_dict()`, the per-layer views) remain. Every argument is checked (`ValueError`).
 """
 
 from __future__ import annotations
@@ -36,11 +41,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from sparselearning.checks import (
+    check_bool,
+    check_int,
+    check_mask_dict,
+    check_mask_names,
+    check_mask_shapes,
+    check_real,
+    some,
+)
 from sparselearning.density import SPARSE_INITS, allocate_counts
 from sparselearning.masked_layer import LAYER_STATE_KEYS, MaskedLayer
 from sparselearning.schedule import FINAL_DEATH_RATE, cosine_death_rate
@@ -58,15 +73,38 @@ MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # the mask, which `step` puts back). Exact types: a subclass may change the update.
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 _MASK_STREAM = 0x6D61736B  # names Masking's random stream (see derive_seed)
+# The stages of a Masking's one task, in order (see `Masking._order_error`).
+_NEW, _TRAINING, _CONSOLIDATED = "new", "training", "consolidated"
+# What `state_dict()` records of the settings, so that `load_state_dict` refuses another schedule.
+_SETTINGS = ("density", "sparse_init", "death", "growth", "death_rate", "update_frequency", "total_steps",
+             "new_weights", "regrow_frozen")
+_STATE_KEYS = ("steps", "counts", *LAYER_STATE_KEYS, "momentum", "generator")
 
 
 def maskable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every conv and linear weight of `model`, by parameter name (never biases or norms)."""
-    weights = {}
+    """Every conv and linear weight of `model`, by parameter name (never biases or norms).
+
+    A tensor shared by several modules (tied weights: `b.weight = a.weight`) appears once, under
+    its first name, the one `model.named_parameters()` gives it."""
+    return _maskable_weights(model)[0]
+
+
+def _maskable_weights(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """`maskable_weights(model)`, and its tied weights' further names -> their first name."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    weights: dict[str, nn.Parameter] = {}
+    first: dict[int, str] = {}  # id of a weight -> its name in `weights`
+    aliases: dict[str, str] = {}
     for module_name, module in model.named_modules():
         if isinstance(module, MASKABLE_TYPES):
-            weights[f"{module_name}.weight" if module_name else "weight"] = module.weight
-    return weights
+            name, weight = f"{module_name}.weight" if module_name else "weight", module.weight
+            if id(weight) in first:
+                aliases[name] = first[id(weight)]
+            else:
+                first[id(weight)] = name
+                weights[name] = weight
+    return weights, aliases
 
 
 def _per_layer(attr: str) -> Any:
@@ -88,7 +126,11 @@ class Masking:
         death_rate: initial prune fraction, cosine-decayed to 0.005 over `total_steps`.
         update_frequency: steps between topology updates; 0 keeps the initial mask.
         total_steps: optimizer steps in this task (epochs x batches).
-        frozen: parameter name -> bool tensor of weights owned by earlier tasks, or None.
+        frozen: parameter name -> bool tensor of the weights owned by earlier tasks (e.g.
+            `TaskMasks.frozen_before(t)`), or None. Each name must be a maskable weight of the
+            model (a weight missing from it has nothing frozen) and each tensor bool, of its
+            weight's shape; one on another device is copied to the weight's (bool values copy
+            exactly).
         new_weights: where never-used weights entering a later task's initial mask start:
             "zero" (the authors') or "init" (a fresh draw of the layer's default init).
         regrow_frozen: whether momentum and gradient growth rank earlier tasks' frozen weights by
@@ -115,7 +157,7 @@ class Masking:
         death_rate: float = 0.5,
         update_frequency: int = 100,
         total_steps: int,
-        frozen: dict[str, torch.Tensor] | None = None,
+        frozen: Mapping[str, torch.Tensor] | None = None,
         new_weights: str = "zero",
         regrow_frozen: bool = False,
         seed: int | None = None,
@@ -124,12 +166,15 @@ class Masking:
         _check_choice("death mode", death, DEATH_MODES)
         _check_choice("growth mode", growth, GROWTH_MODES)
         _check_choice("new_weights", new_weights, NEW_WEIGHTS)
-        if not 0 < density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {density}")
-        if not 0 <= death_rate < 1:
-            raise ValueError(f"death_rate must be in [0, 1), got {death_rate}")
-        if update_frequency < 0 or total_steps < 1:
-            raise ValueError("update_frequency must be >= 0 and total_steps >= 1")
+        density = check_real("density", density, 0, 1, low_open=True)
+        death_rate = check_real("death_rate", death_rate, 0, 1, high_open=True)
+        update_frequency = check_int("update_frequency", update_frequency, minimum=0)
+        total_steps = check_int("total_steps", total_steps, minimum=1)
+        check_bool("regrow_frozen", regrow_frozen)
+        if seed is not None:
+            seed = check_int("seed", seed, minimum=0)
+        if frozen is not None:
+            frozen = check_mask_dict("frozen", frozen)
         self.optimizer = optimizer
         self.density = density
         self.sparse_init = sparse_init
@@ -147,6 +192,8 @@ class Masking:
         self.layers: dict[str, MaskedLayer] = {}
         self.generator: torch.Generator | None = None
         self._decays_weights = False  # some param group has weight decay: restore reused weights
+        self._stage = _NEW  # then _TRAINING (add_module), then _CONSOLIDATED (consolidate)
+        self._training = False  # self._stage == _TRAINING: the one check on the hot path (step)
 
     # Read-only views of the layers, as dicts by parameter name (the live tensors).
     params: dict[str, nn.Parameter] = _per_layer("param")
@@ -159,11 +206,19 @@ class Masking:
     # ------------------------------------------------------------------ set-up
 
     def add_module(self, model: nn.Module) -> None:
-        """Take the maskable weights of `model` and draw this task's initial mask."""
-        params = maskable_weights(model)
+        """Take the maskable weights of `model` and draw this task's initial mask. Once per
+        Masking; a tied weight (one tensor reached from several modules) is masked once, under
+        its first name."""
+        if self._stage != _NEW:
+            raise self._order_error("add_module()")
+        params, aliases = _maskable_weights(model)
         if not params:
             raise ValueError("the model has no conv or linear weights to mask")
+        self._check_weights(params, aliases)
         self._check_optimizer(params)
+        frozen = self._frozen_arg or {}
+        check_mask_names("frozen", frozen, params, aliases)
+        check_mask_shapes("frozen", frozen, {name: p.shape for name, p in params.items()})
         _warn_if_not_isolated(model, params)
         if self.update_frequency > self.total_steps:
             log.warning("no topology update in this task: update_frequency %d > its %d steps, so the mask stays "
@@ -173,7 +228,6 @@ class Masking:
         self.generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, _MASK_STREAM))
         counts = allocate_counts({n: p.shape for n, p in params.items()}, self.density, self.sparse_init)
 
-        frozen = self._frozen_arg or {}
         first_task = not any(bool(f.any()) for f in frozen.values())
         self.layers = {}
         with torch.no_grad():
@@ -187,12 +241,43 @@ class Masking:
                 averages = 2 if "betas" in self.optimizer.param_groups[0] else 1
                 for layer in self.layers.values():
                     layer.momentum = [torch.zeros_like(layer.param) for _ in range(averages)]
+        self._stage, self._training = _TRAINING, True
         log.info("masking %d layers, %d of %d weights active (%s, density %.4g)",
                  len(params), sum(counts.values()), sum(p.numel() for p in params.values()),
                  self.sparse_init, self.density)
         if not any(bool(layer.trainable.any()) for layer in self.layers.values()):
             log.warning("this task has NO trainable weights: its whole initial mask lies on weights frozen by "
                         "earlier tasks, so it cannot learn (did every task get the same seed=?)")
+
+    @staticmethod
+    def _check_weights(params: dict[str, nn.Parameter], aliases: dict[str, str]) -> None:
+        """Refuse weights a mask cannot be drawn on; say which tied weights are masked once."""
+        lazy = [n for n, p in params.items() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise ValueError(f"the lazy modules' weights {some(lazy)} are not initialized yet: run a forward pass "
+                             "through the model before add_module(model)")
+        devices = {p.device for p in params.values()}
+        if len(devices) > 1:
+            where = "; ".join(f"{d}: {some([n for n, p in params.items() if p.device == d], 2)}" for d in devices)
+            raise ValueError(f"the maskable weights must all be on one device, not on {len(devices)} ({where})")
+        if aliases:
+            log.info("tied weights: %s; each shared tensor is masked once, under its first name, so the densities "
+                     "count it once", ", ".join(f"{a} is {n}" for a, n in aliases.items()))
+
+    def _order_error(self, call: str) -> RuntimeError:
+        """The error for `call` made out of order: before add_module, add_module again, or a
+        change after consolidate."""
+        if self._stage == _NEW:
+            return RuntimeError(f"{call} before add_module(): call add_module(model) first")
+        if self._stage == _TRAINING:  # only add_module comes here in this stage
+            return RuntimeError(f"{call} called twice: a Masking masks one model once; to start the task again, "
+                                "make a new Masking (with a fresh optimizer)")
+        if call == "consolidate()":
+            call = "consolidate() called twice (the first call returned the task's mask)"
+        else:
+            call += " after consolidate()"
+        return RuntimeError(f"{call}: a Masking serves one task and is done once consolidated; make a new Masking "
+                            "for the next task (with frozen=TaskMasks.frozen_before(t))")
 
     def _check_optimizer(self, params: dict[str, nn.Parameter]) -> None:
         if type(self.optimizer) not in SUPPORTED_OPTIMIZERS:
@@ -205,7 +290,8 @@ class Masking:
         in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in params.items() if id(p) not in in_optimizer]
         if missing:
-            raise ValueError(f"maskable weights missing from the optimizer: {missing}")
+            raise ValueError(f"the optimizer lacks the maskable weights {some(missing, 8)}: build it over "
+                             "model.parameters()")
         groups = self.optimizer.param_groups
         self._decays_weights = any(g.get("weight_decay", 0) != 0 for g in groups)
         if self.growth == "momentum":
@@ -237,6 +323,8 @@ class Masking:
         frozen weights in the mask (the only nonzero non-trainable ones), which are then put
         back to their stored values with zero state.
         """
+        if not self._training:
+            raise self._order_error("step()")
         due = self.update_frequency > 0 and (self.steps + 1) % self.update_frequency == 0
         layers = [layer for layer in self.layers.values() if layer.param.grad is not None]
         if self.growth == "momentum":
@@ -288,6 +376,8 @@ class Masking:
 
         Dense layers (ERK can make small layers dense) have nothing to exchange.
         """
+        if not self._training:
+            raise self._order_error("update_topology()")
         rate = self.death_rate_at(self.steps)
         with torch.no_grad():
             for name, layer in self.layers.items():
@@ -315,6 +405,10 @@ class Masking:
 
         Random and unfired growth sample the inactive weights directly and have no scores.
         """
+        if self._stage == _NEW:
+            raise self._order_error("growth_scores()")
+        if name not in self.layers:
+            raise ValueError(f"growth_scores: no masked layer {name!r}; the layers are {some(self.layers)}")
         if self.growth == "momentum":
             return self.layers[name].momentum_scores()
         if self.growth == "gradient":
@@ -328,12 +422,18 @@ class Masking:
 
         Consolidated = earlier tasks' frozen values where frozen, this task's trained values
         on its trainable weights, zero elsewhere. Any task's network is its mask applied to
-        these weights.
+        these weights. Once, at the end of the task: the Masking is done afterwards (make a new one
+        for the next task); its reads (`capacity()`, `state_dict()`, the per-layer views) remain.
         """
+        if not self._training:
+            raise self._order_error("consolidate()")
+        self._stage, self._training = _CONSOLIDATED, False
         return {name: layer.consolidate() for name, layer in self.layers.items()}
 
     def capacity(self) -> dict[str, Any]:
         """Fractions of weights used by any task, by this task, reused from earlier ones, free."""
+        if self._stage == _NEW:
+            raise self._order_error("capacity()")
         layers, totals = {}, {"used": 0, "task": 0, "reused": 0, "numel": 0}
         for name, layer in self.layers.items():
             counts = layer.capacity_counts()
@@ -348,7 +448,10 @@ class Masking:
         """Everything needed to continue this task identically (copies, not references): the
         step, the counts, per layer (a dict by parameter name for each) the mask, the active
         indices in their order (it decides which of equal magnitudes are pruned), fired,
-        frozen and stored; momentum growth's averages; the generator's state."""
+        frozen and stored; momentum growth's averages; the generator's state; and the settings
+        (`load_state_dict` refuses a state of other settings)."""
+        if self._stage == _NEW:
+            raise self._order_error("state_dict()")
         parts = {name: layer.state_dict() for name, layer in self.layers.items()}
         return {
             "steps": self.steps,
@@ -357,13 +460,19 @@ class Masking:
             **{key: {name: part[key] for name, part in parts.items()} for key in LAYER_STATE_KEYS},
             "momentum": {name: part["momentum"] for name, part in parts.items() if part["momentum"]},
             "generator": self.generator.get_state(),
+            "settings": self._settings(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`. To resume: build model, optimizer and Masking afresh, call
-        `add_module(model)`, then load the three states (model, optimizer, this)."""
-        if state["counts"] != self.counts:
-            raise ValueError("this state belongs to a Masking with another allocation")
+    def _settings(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in _SETTINGS}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`. To resume: build model, optimizer and Masking afresh (with the
+        same settings), call `add_module(model)`, then load the three states (model, optimizer,
+        this). A state of another model or of other settings is refused (`ValueError`)."""
+        if not self._training:
+            raise self._order_error("load_state_dict()")
+        self._check_state(state)
         self.steps = state["steps"]
         # absent from checkpoints of earlier versions, which only updated on schedule
         on_schedule = self.steps // self.update_frequency if self.update_frequency else 0
@@ -372,6 +481,39 @@ class Masking:
             part = {key: state[key][name] for key in LAYER_STATE_KEYS}
             layer.load_state_dict({**part, "momentum": state["momentum"].get(name, [])}, self.optimizer)
         self._restore_generator(state["generator"])
+
+    def _check_state(self, state: Any) -> None:
+        """Refuse (ValueError) a state that is not this Masking's: not a `state_dict()`, of
+        another model (names or shapes), another allocation, or other settings."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a Masking.state_dict(), got {type(state).__name__}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"state is not a Masking.state_dict(): it lacks {some(missing, 8)}")
+        names = set(self.layers)
+        for key in ("counts", *LAYER_STATE_KEYS):
+            if set(state[key]) != names:
+                only_state, only_here = sorted(set(state[key]) - names), sorted(names - set(state[key]))
+                raise ValueError(f"state is of another model: its {key!r} has the layers {some(only_state, 8)} "
+                                 f"that this Masking's model lacks and lacks its layers {some(only_here, 8)}")
+        shapes = [f"{n!r} is {tuple(state['masks'][n].shape)}, not {tuple(layer.param.shape)}"
+                  for n, layer in self.layers.items() if state["masks"][n].shape != layer.param.shape]
+        if shapes:
+            raise ValueError(f"state is of another model: its masks have other shapes ({'; '.join(shapes[:4])})")
+        counts = [n for n, layer in self.layers.items() if state["counts"][n] != layer.count]
+        if counts:
+            raise ValueError(f"state belongs to a Masking with another allocation (density, sparse_init): the "
+                             f"active counts differ in {some(counts, 8)}")
+        saved = state.get("settings")  # absent from checkpoints of earlier versions
+        if saved is not None:
+            differ = [f"{key} {saved[key]!r} there, {value!r} here" for key, value in self._settings().items()
+                      if key in saved and saved[key] != value]
+            if differ:
+                raise ValueError(f"state was saved by a Masking with other settings: {'; '.join(differ)}; build "
+                                 "this one with the settings of the run it continues")
+        elif state["steps"] > self.total_steps:
+            raise ValueError(f"state has taken {state['steps']} steps, more than this Masking's total_steps "
+                             f"{self.total_steps}: build it with the total_steps of the run it continues")
 
     def _restore_generator(self, saved: torch.Tensor) -> None:
         """Continue the saved random stream; from a generator of another kind (a state saved on a
@@ -396,15 +538,7 @@ def _warn_if_not_isolated(model: nn.Module, params: dict[str, nn.Parameter]) -> 
                     "statistics (%s) are shared and changed by every task, so earlier tasks can be forgotten; "
                     "for exact isolation use a backbone without biases, BatchNorm affine parameters or running "
                     "statistics (like models/resnet.py)",
-                    _some(unmasked), _some(buffers))
-
-
-def _some(names: list[str], shown: int = 4) -> str:
-    """The first `shown` names, and how many more there are."""
-    if not names:
-        return "none"
-    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+                    some(unmasked), some(buffers))
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

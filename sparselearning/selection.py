@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from sparselearning.checks import check_int
+
 SAMPLE_SIZE = 8192
 
 
@@ -33,6 +35,13 @@ def top_indices(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = Non
     """Flat indices, ascending, of the `k` largest entries of the 1-D tensor `scores` (of equal
     scores at the k-th place, the lowest indices), leaving out the entries where the bool tensor
     `exclude` is True (there must be k others)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores must be a 1-D tensor, got shape {tuple(getattr(scores, 'shape', ()))}")
+    k = check_int("k", k, minimum=0)
+    if k > scores.numel():
+        raise ValueError(f"k {k} exceeds the {scores.numel()} scores")
+    if exclude is not None and (exclude.dtype != torch.bool or exclude.shape != scores.shape):
+        raise ValueError("exclude must be a bool tensor of the scores' shape")
     n = scores.numel()
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
