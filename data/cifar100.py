@@ -1,4 +1,9 @@
-"""CIFAR-100 reader: the official python pickles, read directly (no md5 check of the pickles)."""
+"""CIFAR-100 reader: the official python pickles, read directly (no md5 check of the pickles).
+
+A missing dataset is downloaded by one process at a time, holding the lock file
+`<data_dir>/.cifar-100-python.lock` (`sparselearning.file_lock`): runs of a sweep started at once
+wait for it, then read what it downloaded; a dead downloader's lock is taken over.
+"""
 
 import logging
 import os
@@ -11,6 +16,7 @@ import torch
 
 from data.errors import DataError
 from data.split import DATASET_STATS, Split
+from sparselearning.file_lock import wait_and_hold
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +25,9 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 NUM_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
+LOCK_FILE = ".cifar-100-python.lock"
+"""Next to the data, held while one process downloads it (`sparselearning.file_lock`): the other runs
+of a sweep started at once wait for it, then read what it downloaded."""
 
 
 def load_cifar100(root: Path, *, download: bool) -> tuple[Split, Split]:
@@ -26,7 +35,8 @@ def load_cifar100(root: Path, *, download: bool) -> tuple[Split, Split]:
     each carrying the CIFAR-100 normalization of `DATASET_STATS`.
 
     When the folder is missing and `download` is true, the official archive is downloaded
-    (its md5 is checked) into `root` and extracted there.
+    (its md5 is checked) into `root` and extracted there, by one process at a time
+    (`_download_once`).
     """
     root = Path(root)
     folder = root / FOLDER
@@ -36,8 +46,23 @@ def load_cifar100(root: Path, *, download: bool) -> tuple[Split, Split]:
                 f"CIFAR-100 not found at {folder}; download {URL} and extract it into {root}, "
                 "or pass --data_dir DIR with DIR/cifar-100-python/ in it (--no-download forbids downloading)"
             )
-        _download(root)
+        _download_once(root)
     return _read_pickle(folder / "train"), _read_pickle(folder / "test")
+
+
+def _download_once(root: Path) -> None:
+    """Download into `root` under the lock `<root>/.cifar-100-python.lock`: while another process
+    downloads, wait for it and use its result; download only if the data is still missing then (it
+    failed, or its lock went stale: a dead process on this host, or no heartbeat for 10 minutes)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with wait_and_hold(root / LOCK_FILE, doing=f"downloading CIFAR-100 into {root}"):
+            if (root / FOLDER).exists():
+                logger.info("CIFAR-100 is at %s now (downloaded by another run)", root / FOLDER)
+                return
+            _download(root)
+    except OSError as exc:  # the folder or its lock file cannot be made: a read-only folder, say
+        raise _download_error(root, exc) from exc
 
 
 def _download(root: Path) -> None:
@@ -48,7 +73,6 @@ def _download(root: Path) -> None:
     folder = root / FOLDER
     logger.info("CIFAR-100 not found at %s: downloading %s", folder, URL)
     try:
-        root.mkdir(parents=True, exist_ok=True)
         # Extract into a temporary folder next to the target and move the result into place,
         # so an interrupted extraction never leaves a half-written cifar-100-python/.
         with tempfile.TemporaryDirectory(dir=root, prefix=".cifar100-extract-") as tmp:
@@ -58,13 +82,27 @@ def _download(root: Path) -> None:
             extracted = Path(tmp) / FOLDER
             if not extracted.is_dir():
                 raise RuntimeError(f"the archive holds no {FOLDER}/ folder")
-            os.replace(extracted, folder)
+            _move_into_place(extracted, folder)
     except Exception as exc:  # offline, bad md5, disk full, ...: all end the same way for the user
-        raise DataError(
-            f"CIFAR-100 not found at {folder} (download failed: {exc}); download {URL} "
-            f"and extract it into {root}, or pass --data_dir DIR with DIR/cifar-100-python/ in it "
-            "(and --no-download to skip the download)"
-        ) from exc
+        raise _download_error(root, exc) from exc
+
+
+def _move_into_place(extracted: Path, folder: Path) -> None:
+    """Rename `extracted` to `folder`; a `folder` that another process put there meanwhile is kept."""
+    try:
+        os.replace(extracted, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        logger.info("CIFAR-100 was put at %s by another process meanwhile: keeping that copy", folder)
+
+
+def _download_error(root: Path, exc: BaseException) -> DataError:
+    return DataError(
+        f"CIFAR-100 not found at {root / FOLDER} (download failed: {exc}); download {URL} "
+        f"and extract it into {root}, or pass --data_dir DIR with DIR/cifar-100-python/ in it "
+        "(and --no-download to skip the download)"
+    )
 
 
 def _read_pickle(path: Path) -> Split:

@@ -5,6 +5,10 @@ touched) and writes all images, resized, as one uint8 array to `miniImageNet_{si
 the zip, whole or not at all; when the zip's folder is read-only (a shared data folder, say), into
 the user's cache folder instead (`user_cache_path`). Later calls read that cache. The train/test split is made per class
 at load time; both splits carry the miniImageNet normalization of `DATASET_STATS`.
+
+One process at a time decodes, holding the lock file `.miniImageNet_{size}px.lock` in the folder
+the cache goes to (`sparselearning.file_lock`): runs of a sweep started at once wait for it, then
+read its cache; a dead decoder's lock is taken over.
 """
 
 import errno
@@ -13,6 +17,7 @@ import logging
 import os
 import stat
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -24,6 +29,7 @@ from tqdm import tqdm
 from data.errors import DataError
 from data.split import DATASET_STATS, Split
 from sparselearning.atomic_file import write_atomically
+from sparselearning.file_lock import LockFile
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +140,70 @@ def _zip_key(zip_path: Path) -> tuple[int, int]:
 def _load_or_decode(zip_path: Path, image_size: int,
                     test_per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The decoded images from the cache, or decoded from the zip (after checking, from its listing
-    alone, that every class has enough images for `test_per_class`) and then cached."""
-    beside, elsewhere = cache_path(zip_path.parent, image_size), user_cache_path(zip_path, image_size)
+    alone, that every class has enough images for `test_per_class`) and then cached.
+
+    One process at a time decodes (`_decode_lock`): the other runs of a sweep started at once wait
+    for it, then read its cache."""
     key = _zip_key(zip_path)
-    for cache in (beside, elsewhere):
+    cached = _read_caches(zip_path, image_size, key)
+    if cached is not None:
+        return cached
+    lock = _decode_lock(zip_path, image_size)
+    try:
+        cached = _read_caches(zip_path, image_size, key)  # written by a run that held the lock before
+        if cached is not None:
+            return cached
+        return _decode_and_cache(zip_path, image_size, test_per_class, key)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _read_caches(zip_path: Path, image_size: int,
+                 key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The arrays of the first valid cache, beside the zip or in the user's cache folder."""
+    for cache in (cache_path(zip_path.parent, image_size), user_cache_path(zip_path, image_size)):
         cached = _read_cache(cache, key, image_size)
         if cached is not None:
             return cached
+    return None
+
+
+def _decode_lock(zip_path: Path, image_size: int) -> LockFile | None:
+    """Hold `.miniImageNet_<size>px.lock` beside the zip (in the user's cache folder when the zip's
+    folder is read-only), waiting while another process decodes; None, warned, where neither
+    folder takes a lock file (the zip is then decoded without one)."""
+    name, error = f".miniImageNet_{image_size}px.lock", None
+    for folder in _lock_folders(zip_path, image_size):
+        lock = LockFile(folder / name)
+        try:
+            lock.wait_to_acquire(f"decoding {zip_path}")
+        except OSError as exc:
+            error = exc
+            continue
+        return lock
+    logger.warning("cannot make a lock file for decoding %s (%s): another run may decode it at the same time",
+                   zip_path, error)
+    return None
+
+
+def _lock_folders(zip_path: Path, image_size: int) -> Iterator[Path]:
+    """Where the decode lock may go, in order: the zip's folder if writable, then the user cache's
+    (made only when it comes to that)."""
+    if _writable(zip_path.parent):
+        yield zip_path.parent
+    elsewhere = user_cache_path(zip_path, image_size).parent
+    try:
+        elsewhere.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    yield elsewhere
+
+
+def _decode_and_cache(zip_path: Path, image_size: int, test_per_class: int,
+                      key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode the zip and cache the images beside it, or in the user's cache folder when its folder is read-only."""
+    beside, elsewhere = cache_path(zip_path.parent, image_size), user_cache_path(zip_path, image_size)
     images, labels, files, classes = _decode_zip(zip_path, image_size, test_per_class)
     arrays = (images, labels, files, classes)
     if not (_writable(zip_path.parent) and _write_cache(beside, key, image_size, *arrays, read_only_ok=True)):
