@@ -34,8 +34,11 @@ def test_on_a_gpu_batches_are_channels_last_and_amp_and_compile_are_opt_in(monke
     monkeypatch.setattr("utils.cli._check_compile", lambda device: None)
     plain = for_config(parse_config(["--device", "cuda"], "cifar100"))
     assert (plain.amp, plain.channels_last, plain.compile, plain.cudnn_benchmark) == (False, True, False, False)
-    fast = for_config(parse_config(["--device", "cuda", "--amp", "--compile", "--cudnn_benchmark"], "cifar100"))
+    assert plain.deterministic is True
+    fast = for_config(parse_config(["--device", "cuda", "--amp", "--compile", "--cudnn_benchmark", "--no-deterministic"],
+                                   "cifar100"))
     assert (fast.amp, fast.channels_last, fast.compile, fast.cudnn_benchmark) == (True, True, True, True)
+    assert fast.deterministic is False
     contiguous = for_config(parse_config(["--device", "cuda", "--no-channels_last"], "cifar100"))
     assert contiguous.channels_last is False
 
@@ -47,7 +50,7 @@ def test_layout_and_autotuning_flags_parse_and_resolve_per_device(caplog):
     assert parse_config(["--device", "cpu", "--no-channels_last"], "cifar100").channels_last is False
     assert for_config(parse_config(["--device", "cpu", "--channels_last"], "cifar100")).channels_last is True
     with caplog.at_level(logging.WARNING):
-        accel = for_config(parse_config(["--device", "cpu", "--cudnn_benchmark"], "cifar100"))
+        accel = for_config(parse_config(["--device", "cpu", "--cudnn_benchmark", "--no-deterministic"], "cifar100"))
     assert accel.cudnn_benchmark is False and "--cudnn_benchmark" in caplog.text and "ignored on cpu" in caplog.text
     for argv in (["--cudnn_benchmark", "yes"], ["--channels_last=1"], ["--no-cudnn_benchmark", "--channels"]):
         with pytest.raises(UserError):

@@ -244,8 +244,10 @@ def test_booleans_turn_off_and_on_again() -> None:
         (["--test_batch_size", "1"], "miniImageNet", "--test_batch_size 1: a batch needs at least 2 images"),
         (["--num_tasks", "100", "--num_classes_per_task", "1", "--test_per_class", "1"], "miniImageNet",
          "tests each task on one image"),
-        pytest.param(["--device", "meta"], "cifar100", "a run trains on cpu, cuda[:N] or mps, not on meta",
+        pytest.param(["--device", "meta"], "cifar100", "a run trains on cpu or cuda[:N], not on meta",
                      id="device-meta"),  # an id without "cuda": `pytest -k cuda` selects the GPU cases only
+        (["--device", "mps"], "cifar100", "--device mps: not supported: "),
+        (["--device", "cpu", "--cudnn_benchmark"], "cifar100", "add --no-deterministic to autotune"),
         (["--device", "xpu"], "cifar100", "not on xpu"),
         (["--momentum", "1"], "cifar100", "--momentum must be in [0, 1)"),
         (["--device", "gpu7"], "cifar100", "not a torch device"),

@@ -31,7 +31,7 @@ from data import DataError, TensorLoader
 from models import build_model
 from sparselearning import TaskMasks
 from utils import run_dir
-from utils.acceleration import Acceleration
+from utils.acceleration import Acceleration, switches_restored
 from utils.cli import Config, OneLineParser, parse_config
 from utils.errors import UserError
 from utils.evaluation import EvaluatedNetworks, evaluate_row
@@ -74,7 +74,9 @@ def matching_tasks(config: Config, recorded: dict[str, Any]) -> list[Task]:
 def retest(config: Config, state: dict[str, Any], tasks: list[Task], methods: Sequence[str],
            batch_sizes: Sequence[int]) -> list[dict[str, Any]]:
     """Both accuracy matrices of the tasks the checkpoint finished, per test batch size and method."""
-    accel = Acceleration.for_device(config.device, amp=config.amp, channels_last=config.channels_last)  # as tested
+    accel = Acceleration.for_device(config.device, amp=config.amp, channels_last=config.channels_last,
+                                    deterministic=config.deterministic)  # as tested
+    accel.apply()
     model = build_model(config.net_name, config.num_classes).to(accel.device)
     model.load_state_dict(state["model"])
     task_masks = TaskMasks.from_state_dict(state["task_masks"], accel.device)
@@ -168,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(out)
         config, state = saved_run(args.run_dir, args.device, args.data_dir)
         tasks = matching_tasks(config, state["config"])
-        results = retest(config, state, tasks, args.methods, args.test_batch_sizes)
+        with switches_restored():  # the GPU's determinism switches, for the retest only
+            results = retest(config, state, tasks, args.methods, args.test_batch_sizes)
         check_out(out)  # again: the retest may have taken hours
         run_dir.write_json(out, {"run": str(args.run_dir), "config": config.to_dict(), "results": results})
     except (UserError, DataError) as error:
