@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from data import TensorLoader
 from sparselearning import TaskMasks
+from utils.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,19 @@ def percent(correct: torch.Tensor | int, seen: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: TensorLoader, classes: slice, mode: str, label_shift: int = 0,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             stop: StopRequest | None = None) -> float:
     """Test accuracy in percent of `model` on `loader`, predicting within `classes`.
 
     `label_shift` maps the labels of another task onto `classes` (the authors' FWT probe).
     Test batches come in a fixed order without augmentation; BatchNorm uses batch statistics.
+    With `stop`, a stop requested before a batch raises StopNow (`StopRequest.check`).
     """
     model.eval()
     correct, seen = 0, 0
     for x, y in loader:
+        if stop is not None:
+            stop.check()
         with autocast():
             logits = model(x)
         correct += (predictions(logits, classes, mode) == y - label_shift).sum()
@@ -113,14 +118,15 @@ class EvaluatedNetworks:
 def evaluate_row(
     model: nn.Module, task_masks: TaskMasks, classes: list[slice], loaders: list[TensorLoader], i: int, *,
     mode: str, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    tested: EvaluatedNetworks | None = None,
+    tested: EvaluatedNetworks | None = None, stop: StopRequest | None = None,
 ) -> np.ndarray:
     """Row i of the accuracy matrix, measured now (right after training task i).
 
     `classes[j]` and `loaders[j]` are task j's classifier slice and test batches; `mode` is how a
     prediction is made (see `predictions`), `autocast` the forward passes' context. Above the
     diagonal, task j's labels are shifted onto task i's classes. With `tested`, a network tested
-    before with the same weights keeps its accuracy (see EvaluatedNetworks).
+    before with the same weights keeps its accuracy (see EvaluatedNetworks). With `stop`, a stop
+    requested before any test batch raises StopNow: the row is abandoned, to be measured again.
     """
     row = np.full(len(loaders), np.nan)
     for j, loader in enumerate(loaders):
@@ -128,7 +134,7 @@ def evaluate_row(
         shift = classes[j].start - classes[i].start if j > i else 0
         with task_network(model, task_masks, network):
             def test() -> float:
-                return evaluate(model, loader, classes[network], mode, shift, autocast)
+                return evaluate(model, loader, classes[network], mode, shift, autocast, stop)
 
             own = j <= i and tested is not None
             row[j] = tested.accuracy(model, task_masks, j, test) if own else test()

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import TensorLoader, class_order, load_dataset, split_tasks
+from data import TensorLoader, class_order, first_per_class, load_dataset, split_tasks
 from models import build_model
-from sparselearning import TaskMasks
+from sparselearning import TaskMasks, derive_seed
 from utils import run_dir, run_lock
-from utils.acceleration import Acceleration
+from utils.acceleration import Acceleration, switches_restored
 from utils.chance import found_note
 from utils.cli import MIN_BATCH, Config
 from utils.environment import environment
@@ -27,9 +27,9 @@ from utils.errors import NonFiniteLoss, RunStopped, UserError
 from utils.evaluation import EvaluatedNetworks, evaluate_row
 from utils.metrics import (AGNOSTIC_KEYS, METRIC_KEYS, format_agnostic_report, format_report, fwt_meaning,
                            summarize, summarize_agnostic)
-from utils.stopping import StopRequest
-from utils.task_inference import TaskInference
-from utils.train import Task, train_task
+from utils.stopping import StopNow, StopRequest
+from utils.task_inference import AgnosticRow, TaskInference
+from utils.train import CUDA_STREAM, Task, global_rng_state, restore_global_rng_state, train_task
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ def build_tasks(config: Config) -> list[Task]:
                                image_size=config.image_size, test_per_class=config.test_per_class, seed=config.seed)
     order = class_order(config.num_classes, config.class_order, config.seed)
     k = config.num_classes_per_task
+    train = first_per_class(train, config.train_per_class)
+    if config.dataset == "cifar100":  # miniImageNet's reader holds out test_per_class itself
+        test = first_per_class(test, config.test_per_class)
     train_tasks = split_tasks(train, order, config.num_tasks, k)
     test_tasks = split_tasks(test, order, config.num_tasks, k)
     for t, split in enumerate(train_tasks):
@@ -59,8 +62,8 @@ def run(config: Config) -> dict[str, Any]:
     (`utils.run_lock`) from before its first file to the end: one run per directory at a time.
     """
     out = config.output_dir
-    tasks = None if out.exists() else build_tasks(config)  # a new directory only for data that loads
-    with run_lock.hold(out):
+    tasks = None if run_lock.output_dir_exists(out) else build_tasks(config)  # a new directory only for data that loads
+    with run_lock.hold(out, stale_minutes=config.lock_stale_minutes):
         resumable = run_dir.inspect_output_dir(config)
         if resumable.finished is not None:
             log.info("%s holds a finished run: nothing to do", out)
@@ -71,7 +74,7 @@ def run(config: Config) -> dict[str, Any]:
         run_dir.prepare_output_dir(config)
         handler = run_dir.attach_log_file(out)
         try:
-            with StopRequest().installed() as stop:
+            with StopRequest().installed() as stop, switches_restored():  # the device's switches: for this run only
                 experiment = Experiment(config, tasks)
                 try:
                     return experiment.run(resumable.saved, resumable.in_progress, stop)
@@ -86,11 +89,14 @@ class Experiment:
     """The run's state between tasks: the shared model, the finished tasks' masks, the accuracy
     matrix and the per-task records; saved whole to checkpoint.pt after every task."""
 
+    TRAINED = "trained"  # in task_in_progress.pt: the task is trained, its row not measured (`trained_state`)
+
     def __init__(self, config: Config, tasks: list[Task]) -> None:
         """`config` goes into every file the run saves (`to_dict()`); `run()` passes it with the
         data's fingerprint (`run_dir.RecordedConfig`), already written to config.json."""
         self.config, self.tasks = config, tasks
         self.accel = Acceleration.for_config(config)
+        self.accel.apply()  # process-wide (cuDNN, determinism, cuBLAS workspace): before the first CUDA call
         torch.manual_seed(config.seed)
         self.model = self.accel.prepare(build_model(config.net_name, config.num_classes).to(self.accel.device))
         self.test_loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False,
@@ -110,8 +116,9 @@ class Experiment:
         """Train and test the tasks not done yet; return the results (also written to results.json).
 
         When `stop` is requested, the task in progress is saved after the current optimizer step
-        (or, between tasks, the finished task's checkpoint is written), results.json is written
-        marked incomplete and resumable, and RunStopped is raised.
+        (while its tests run: as trained, before the next test batch, the tests abandoned; between
+        tasks, the finished task's checkpoint is written), results.json is written marked
+        incomplete and resumable, and RunStopped is raised.
         """
         config, out = self.config, self.config.output_dir
         if saved is not None:
@@ -120,7 +127,9 @@ class Experiment:
         first = len(self.records)
         if in_progress is not None and in_progress["task"] != first:
             in_progress = None  # left over from a task that finished after it was saved
-        if in_progress is not None:
+        if in_progress is not None and in_progress.get(self.TRAINED):
+            log.info("resuming task %d after its training: testing it", first + 1)
+        elif in_progress is not None:
             log.info("resuming task %d after epoch %d", first + 1, in_progress["epochs_done"])
         if config.tensorboard:
             done = first * config.epochs + (in_progress["epochs_done"] if in_progress is not None else 0)
@@ -154,25 +163,31 @@ class Experiment:
         return RunStopped(f"stopped by {where}; saved: {how}")
 
     def train_and_test(self, task: Task, in_progress: dict[str, Any] | None, stop: StopRequest | None = None) -> None:
-        """Train `task` (continuing `in_progress` if given), store its mask, measure its matrix row."""
+        """Train `task` (continuing `in_progress` if given), store its mask, measure its matrix row.
+
+        A stop while the row is measured abandons it: the trained task is saved (`trained_state`)
+        and RunStopped raised; `--resume` then measures the row again, whole, without training."""
         config, t = self.config, task.index
-        frozen = self.task_masks.frozen_before(t) if config.isolate else None
-        mask, record = train_task(self.model, task, frozen, config, self.accel, in_progress, self.save_progress,
-                                  stop, on_epoch=self.epoch_done)
+        if in_progress is not None and in_progress.get(self.TRAINED):
+            mask, record = self.load_trained(in_progress)
+        else:
+            frozen = self.task_masks.frozen_before(t) if config.isolate else None
+            mask, record = train_task(self.model, task, frozen, config, self.accel, in_progress, self.save_progress,
+                                      stop, on_epoch=self.epoch_done)
         if mask is not None:
             self.task_masks.add(mask)
-        classes = [task.classes for task in self.tasks]
-        if self.inference is not None:  # first: its passes of a new network on its own test set serve both tests
-            if self.inference.needs_training_images:  # task t's network as every later row tests it
-                train_images = TensorLoader(task.train, batch_size=config.test_batch_size, train=False,
-                                            device=self.accel.device, channels_last=self.accel.channels_last)
-                self.inference.calibrate(self.model, self.task_masks, t, task.classes, train_images)
-            row = self.inference.row(self.model, self.task_masks, classes, self.test_loaders, t)
-            self.acc_agnostic[t] = row.accuracy
-            record["task_inference"] = {"task_id_accuracy": row.task_id_accuracy, "seconds": row.seconds,
-                                        "forward_passes": row.forward_passes, "backward_passes": row.backward_passes}
-        self.acc[t] = evaluate_row(self.model, self.task_masks, classes, self.test_loaders, t, mode=config.eval,
-                                   autocast=self.accel.autocast, tested=self.tested)
+        rng = global_rng_state(self.accel.device)  # as training left it
+        try:
+            agnostic, self.acc[t] = self.test_rows(task, stop)
+        except StopNow:
+            self.save_progress(self.trained_state(t, mask, record, rng))
+            raise RunStopped(f"{stop.name} in task {t + 1}, while testing it (its training is saved; "
+                             "the tests run again)") from None
+        if agnostic is not None:
+            self.acc_agnostic[t] = agnostic.accuracy
+            record["task_inference"] = {"task_id_accuracy": agnostic.task_id_accuracy, "seconds": agnostic.seconds,
+                                        "forward_passes": agnostic.forward_passes,
+                                        "backward_passes": agnostic.backward_passes}
         record["test_acc"] = float(self.acc[t, t])
         self.records.append(record)
         self.task_tested(t, record)
@@ -180,6 +195,43 @@ class Experiment:
                  t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],
                  record["kept_epoch"], self.acc[t, t], record["train_seconds"], capacity_summary(record),
                  self.agnostic_summary(t))
+
+    def test_rows(self, task: Task, stop: StopRequest | None = None) -> tuple[AgnosticRow | None, np.ndarray]:
+        """Row t of the task-agnostic matrix (None without task inference) and of the accuracy matrix,
+        right after training task t. StopNow if `stop` is requested before any test batch."""
+        config, t = self.config, task.index
+        classes = [task.classes for task in self.tasks]
+        agnostic = None
+        if self.inference is not None:  # first: its passes of a new network on its own test set serve both tests
+            if self.inference.needs_training_images:  # task t's network as every later row tests it
+                train_images = TensorLoader(task.train, batch_size=config.test_batch_size, train=False,
+                                            device=self.accel.device, channels_last=self.accel.channels_last)
+                self.inference.calibrate(self.model, self.task_masks, t, task.classes, train_images, stop)
+            agnostic = self.inference.row(self.model, self.task_masks, classes, self.test_loaders, t, stop)
+        row = evaluate_row(self.model, self.task_masks, classes, self.test_loaders, t, mode=config.eval,
+                           autocast=self.accel.autocast, tested=self.tested, stop=stop)
+        return agnostic, row
+
+    def trained_state(self, t: int, mask: dict[str, torch.Tensor] | None, record: dict[str, Any],
+                      rng: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Task t once trained, before its row is measured: what `train_task` returned (the mask
+        bit-packed), the weights, the task's epoch rows and `rng`, the random states training left
+        (`global_rng_state`); saved as the task in progress, with `epochs_done` all the epochs."""
+        packed = None
+        if mask is not None:
+            store = TaskMasks()
+            store.add(mask)
+            packed = store.state_dict()
+        return {"task": t, "epochs_done": self.config.epochs, self.TRAINED: True, "model": self.model.state_dict(),
+                "mask": packed, "record": record, "epoch_rows": self.task_rows, **rng}
+
+    def load_trained(self, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """Back to the moment `trained_state` was saved; the task's mask and record, as `train_task` returned them."""
+        self.model.load_state_dict(state["model"])
+        self.task_rows = state["epoch_rows"]
+        restore_global_rng_state(state, self.accel.device, derive_seed(self.config.seed, CUDA_STREAM, state["task"]))
+        mask = None if state["mask"] is None else TaskMasks.from_state_dict(state["mask"], self.accel.device)[0]
+        return mask, state["record"]
 
     def epoch_done(self, rows: list[dict[str, Any]]) -> None:
         """The task in training finished an epoch (or started, with the rows of its epochs done):

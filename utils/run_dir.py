@@ -104,8 +104,9 @@ def write_run_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 class RecordingFile:
-    """A binary file that keeps the OSError of a failed write: `torch.save` reports one as a
-    RuntimeError without its errno (a full disk would read as an internal error)."""
+    """A binary file that keeps the OSError of a failed write, or the KeyboardInterrupt raised
+    in one (a second Ctrl-C: `utils.stopping.StoppedAtOnce`): `torch.save` reports either as a
+    RuntimeError (a full disk would read as an internal error, Ctrl-C as a traceback)."""
 
     def __init__(self, file: BinaryIO) -> None:
         self.file, self.error = file, None
@@ -119,7 +120,7 @@ class RecordingFile:
     def recorded(self, call: Callable[..., Any], *args: Any) -> Any:
         try:
             return call(*args)
-        except OSError as error:
+        except (OSError, KeyboardInterrupt) as error:
             self.error = error
             raise
 

@@ -48,6 +48,7 @@ from data import TensorLoader
 from sparselearning import TaskMasks
 from sparselearning.task_masks import Masks
 from utils.evaluation import EvaluatedNetworks, percent, predictions, task_network
+from utils.stopping import StopRequest
 
 INFERENCE_METHODS = ("none", "confidence", "entropy", "oneshot", "calibrated")
 """`--task_inference` choices; "none" tests with the task id given only."""
@@ -102,14 +103,17 @@ def claims(logits: torch.Tensor, method: str, calibration: float | None = None) 
 
 @torch.no_grad()
 def measure_calibration(model: nn.Module, task_masks: TaskMasks, t: int, own: slice, train: TensorLoader,
-                        autocast: Autocast = contextlib.nullcontext) -> float:
+                        autocast: Autocast = contextlib.nullcontext, stop: StopRequest | None = None) -> float:
     """Task t's mean confidence within its classes `own` on its training images `train` (a loader
     with train=False: fixed order, no augmentation; batches of the test batch size, as BatchNorm
-    uses batch statistics): the mean over batches of `mean_confidence`. Reads the weights only."""
+    uses batch statistics): the mean over batches of `mean_confidence`. Reads the weights only.
+    With `stop`, a stop requested before a batch raises StopNow."""
     model.eval()
     per_batch = []
     with task_network(model, task_masks, t):
         for x, _ in train:
+            if stop is not None:
+                stop.check()
             with autocast():
                 logits = model(x)
             per_batch.append(mean_confidence(logits[:, own]))
@@ -143,7 +147,11 @@ def superposition_gradient(model: nn.Module, masks: list[Masks], x: torch.Tensor
 
 class TaskInference:
     """Measures rows of the task-agnostic accuracy matrix with one method, reusing what the networks
-    computed before while their weights stay the same (shared with the task-aware test's `tested`)."""
+    computed before while their weights stay the same (shared with the task-aware test's `tested`).
+
+    `calibrate` and `row` take an optional `stop` (`utils.stopping.StopRequest`): a stop requested
+    before any batch raises StopNow, abandoning the calibration or row (nothing of it is kept but the
+    outputs of the networks that finished a whole test set, valid while their weights stay the same)."""
 
     def __init__(self, method: str, mode: str, autocast: Autocast = contextlib.nullcontext,
                  tested: EvaluatedNetworks | None = None) -> None:
@@ -160,11 +168,12 @@ class TaskInference:
         """Whether each task's network must be calibrated on its training images (`calibrate`)."""
         return self.method in CALIBRATED_METHODS
 
-    def calibrate(self, model: nn.Module, task_masks: TaskMasks, t: int, own: slice, train: TensorLoader) -> None:
+    def calibrate(self, model: nn.Module, task_masks: TaskMasks, t: int, own: slice, train: TensorLoader,
+                  stop: StopRequest | None = None) -> None:
         """Measure task t's `measure_calibration` on its training images (right after training it);
         its cost is counted in the next row's."""
         start = time.perf_counter()
-        self.calibration[t] = measure_calibration(model, task_masks, t, own, train, self.autocast)
+        self.calibration[t] = measure_calibration(model, task_masks, t, own, train, self.autocast, stop)
         seconds, passes = self._calibration_cost
         self._calibration_cost = (seconds + time.perf_counter() - start, passes + len(train))
 
@@ -176,7 +185,7 @@ class TaskInference:
         self.calibration = dict(enumerate(state))
 
     def row(self, model: nn.Module, task_masks: TaskMasks, classes: list[slice], loaders: list[TensorLoader],
-            i: int) -> AgnosticRow:
+            i: int, stop: StopRequest | None = None) -> AgnosticRow:
         """Row i (right after training task i): task j's test batches, j <= i, their task inferred
         among tasks 0..i; `classes[j]`/`loaders[j]` are task j's classifier slice and test batches."""
         if self.method == "oneshot" and len(task_masks) <= i:
@@ -186,10 +195,10 @@ class TaskInference:
         start, self._forward, self._backward = time.perf_counter(), 0, 0
         model.eval()
         if self.method == "oneshot":
-            chosen = self._oneshot_choices(model, task_masks, classes, loaders, i)
-            correct = [self._outputs(model, task_masks, j, classes, loaders, [j])[j][1] for j in range(i + 1)]
+            chosen = self._oneshot_choices(model, task_masks, classes, loaders, i, stop)
+            correct = [self._outputs(model, task_masks, j, classes, loaders, [j], stop)[j][1] for j in range(i + 1)]
         else:
-            scores, correct = self._network_scores(model, task_masks, classes, loaders, i)
+            scores, correct = self._network_scores(model, task_masks, classes, loaders, i, stop)
             chosen = [s.argmax(1) for s in scores]
         accuracy = np.full(len(loaders), np.nan)
         hits, batches = 0, 0
@@ -204,11 +213,12 @@ class TaskInference:
     # ---------------------------------------------------------------- confidence and entropy
 
     def _network_scores(self, model: nn.Module, task_masks: TaskMasks, classes: list[slice],
-                        loaders: list[TensorLoader], i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                        loaders: list[TensorLoader], i: int,
+                        stop: StopRequest | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per test task j <= i: the claims of candidates 0..i on each batch ([batches, i + 1]) and
         the right predictions of task j's own network per batch."""
         if len(task_masks) <= i:  # dense: one network serves every candidate, one pass per batch
-            outputs = [self._run(model, loaders[j], classes[: i + 1], classes[j]) for j in range(i + 1)]
+            outputs = [self._run(model, loaders[j], classes[: i + 1], classes[j], stop) for j in range(i + 1)]
             scores = [torch.stack([torch.cat([claims(z, self.method, self.calibration.get(t))
                                               for t, z in enumerate(zs)]) for zs in logits])
                       for logits, _ in outputs]
@@ -216,7 +226,7 @@ class TaskInference:
         columns: list[list[torch.Tensor]] = [[] for _ in range(i + 1)]
         correct: list[torch.Tensor] = []
         for t in range(i + 1):
-            outputs = self._outputs(model, task_masks, t, classes, loaders, range(i + 1))
+            outputs = self._outputs(model, task_masks, t, classes, loaders, range(i + 1), stop)
             for j in range(i + 1):
                 columns[j].append(torch.cat([claims(z, self.method, self.calibration.get(t))
                                              for z, in outputs[j][0]]))
@@ -224,7 +234,7 @@ class TaskInference:
         return [torch.stack(c, 1) for c in columns], correct
 
     def _outputs(self, model: nn.Module, task_masks: TaskMasks, t: int, classes: list[slice],
-                 loaders: list[TensorLoader], tests: Sequence[int]) -> dict[int, Outputs]:
+                 loaders: list[TensorLoader], tests: Sequence[int], stop: StopRequest | None) -> dict[int, Outputs]:
         """Task t's network on the test sets `tests`: per set its `Outputs`, kept while the
         network's weights stay the same (one check of them per call). On its own test set, the
         same passes give the task-aware test's accuracy, kept for it: the same predictions of
@@ -234,18 +244,22 @@ class TaskInference:
         if missing:
             with task_network(model, task_masks, t):
                 for j in missing:
-                    kept[("outputs", j)] = self._run(model, loaders[j], [classes[t]], classes[t] if t == j else None)
+                    kept[("outputs", j)] = self._run(model, loaders[j], [classes[t]], classes[t] if t == j else None,
+                                                     stop)
             if t in missing:
                 own = percent(kept[("outputs", t)][1].sum(), len(loaders[t].labels))
                 kept.setdefault(EvaluatedNetworks.ACCURACY, own)
         return {j: kept[("outputs", j)] for j in tests}
 
-    def _run(self, model: nn.Module, loader: TensorLoader, candidates: list[slice], own: slice | None) -> Outputs:
+    def _run(self, model: nn.Module, loader: TensorLoader, candidates: list[slice], own: slice | None,
+             stop: StopRequest | None) -> Outputs:
         """One network over `loader`: per batch its logits within each candidate's classes, and
         with `own` (the test task's classes) the number of right predictions within them."""
         logits_by_batch, correct = [], []
         with torch.no_grad():
             for x, y in loader:
+                if stop is not None:
+                    stop.check()
                 with self.autocast():
                     logits = model(x)
                 self._forward += 1
@@ -257,7 +271,7 @@ class TaskInference:
     # ---------------------------------------------------------------- one-shot
 
     def _oneshot_choices(self, model: nn.Module, task_masks: TaskMasks, classes: list[slice],
-                         loaders: list[TensorLoader], i: int) -> list[torch.Tensor]:
+                         loaders: list[TensorLoader], i: int, stop: StopRequest | None) -> list[torch.Tensor]:
         """Per test task j <= i, the task each of its batches is assigned to by the one-shot rule."""
         params = dict(model.named_parameters())
         masks = [{name: m.to(params[name].device) for name, m in task_masks[t].items()} for t in range(i + 1)]
@@ -265,6 +279,8 @@ class TaskInference:
         for j in range(i + 1):
             picks = []
             for x, _ in loaders[j]:
+                if stop is not None:
+                    stop.check()
                 picks.append(superposition_gradient(model, masks, x, classes[: i + 1], self.autocast).argmin())
                 self._forward += 1
                 self._backward += 1

@@ -33,7 +33,49 @@ from utils.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
-LOADER_STREAM, MASK_STREAM = 1, 2  # per task: derive_seed(config.seed, stream, task)
+LOADER_STREAM, MASK_STREAM, CUDA_STREAM = 1, 2, 3  # per task: derive_seed(config.seed, stream, task)
+
+
+def global_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The states of torch's global generators a task checkpoint saves: the CPU's, and the CUDA
+    generator of `device` when the run trains on one (its Philox state, a CPU byte tensor).
+
+    The run draws from neither once the model is built: the loader, the masks and fresh weights
+    have generators of their own, saved with their objects (the loader's is a CPU generator on
+    every device, so a CPU and a GPU run of a seed shuffle and augment alike). They are saved so
+    that a resumed task continues any draw from them exactly (an op added later, a library's).
+    """
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_global_rng_state(state: dict[str, Any], device: torch.device, seed: int) -> None:
+    """Put back what `global_rng_state` saved, on the device the run resumes on.
+
+    A checkpoint without them (an earlier version's) leaves the generators as they are. One saved
+    on a GPU and resumed elsewhere: its CUDA state is of no use there, said in a warning. One
+    without a CUDA state resumed on a GPU (saved on a CPU, or by an earlier version): the CUDA
+    generator is seeded from `seed` (derive_seed(--seed, CUDA_STREAM, task)), said in a warning.
+    Either way the run goes on deterministically, but it is not the uninterrupted run of this device.
+    """
+    if "torch_rng" in state:  # absent from checkpoints of earlier versions
+        torch.set_rng_state(state["torch_rng"])
+    saved = state.get("cuda_rng")
+    if device.type != "cuda":
+        if saved is not None:
+            log.warning("the task's checkpoint holds a CUDA random state, which this run on %s does not use (saved "
+                        "on a GPU: the run goes on deterministically, but it is not the run the GPU would have made)",
+                        device)
+        return
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, device)
+        return
+    torch.cuda.manual_seed_all(seed)  # the run's device among them (a run trains on one)
+    log.warning("the task's checkpoint holds no CUDA random state (saved on a CPU, or by an earlier version): "
+                "the CUDA generator is seeded from --seed; the run goes on deterministically, but it is not the "
+                "run this GPU would have made uninterrupted")
 
 
 @dataclass(frozen=True)
@@ -201,7 +243,8 @@ class TaskTraining:
         Nothing twice: when the kept epoch is the current state, `kept` is saved as None and
         `kept_is_current` says to copy the current state again on loading.
         """
-        state: dict[str, Any] = {"task": self.task.index, "seconds": self.seconds, "torch_rng": torch.get_rng_state()}
+        state: dict[str, Any] = {"task": self.task.index, "seconds": self.seconds,
+                                 **global_rng_state(self.accel.device)}
         for name in self.OBJECTS:
             part = getattr(self, name)
             state[name] = part.state_dict() if part is not None else None
@@ -218,15 +261,15 @@ class TaskTraining:
             part = getattr(self, name)
             if part is not None:
                 part.load_state_dict(state[name])
-        partial = state.get("epoch_progress")  # absent from checkpoints of earlier versions, like torch_rng
+        partial = state.get("epoch_progress")  # absent from checkpoints of earlier versions, like the RNG states
         self.epoch_progress = EpochProgress.from_state_dict(partial, self.accel.device) if partial else None
         for name in self.VALUES:
             if name in state:  # epoch_rows: absent from checkpoints of earlier versions
                 setattr(self, name, state[name])
         if state.get("kept_is_current"):
             self.kept = self._snapshot()
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+        restore_global_rng_state(state, self.accel.device,
+                                 derive_seed(self.config.seed, CUDA_STREAM, self.task.index))
         self._earlier_seconds, self._started = state["seconds"], time.perf_counter()
         self.saved()
 
