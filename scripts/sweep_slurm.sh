@@ -73,7 +73,7 @@ MAX_RUNNING=${SWEEP_MAX_RUNNING:-}
 # 120 s: after the signal a run finishes one optimizer step or one test batch, then saves
 # (utils/stopping.py). Worst case measured on a 2-core CPU (AMD EPYC VM, torch 2.14, ResNet-18,
 # default batch sizes): miniImageNet at 84 px, a step with a topology update 4.1 s or a one-shot
-# task inference batch 4.4 s, plus the save of the task in progress (231 MB) 0.3 s; CIFAR-100
+# task inference batch 4.4 s, plus the save of the task in progress (373 MB) 0.4 s; CIFAR-100
 # 0.6 s + 0.3 s. With that machine 3x oversubscribed: 31 s + 1.9 s. 120 s leaves 3.5x over the
 # worst figure, and a GPU is faster still (SLURM's SIGTERM at the limit is then ignored while the
 # run saves; SIGKILL follows KillWait later, 30 s by default).

@@ -519,7 +519,7 @@ def test_dataset_stats():
         assert len(mean) == len(std) == 3 and all(0 < v < 1 for v in (*mean, *std))
     assert DATASET_STATS["cifar100"].mean == DATASET_STATS["cifar100"][0]
     assert set(data.__all__) == {"Split", "Normalization", "DataError", "load_dataset", "DATASET_STATS",
-                                 "CLASS_ORDER_MODES", "class_order", "split_tasks", "TensorLoader"}
+                                 "CLASS_ORDER_MODES", "class_order", "first_per_class", "split_tasks", "TensorLoader"}
 
 
 # ----------------------------------------------------------------------------------------------

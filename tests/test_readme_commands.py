@@ -94,6 +94,18 @@ def sweep_run(args: list[str], command: str, commands: ReadmeCommands) -> None:
         commands.written.append(Path(options[options.index("--out") + 1]))
 
 
+def study_runs(args: list[str], command: str, commands: ReadmeCommands) -> None:
+    """Every sweep of a study preset, as sweep.sh would run it; its folder is written."""
+    from utils import study
+
+    options = dict(zip(args[1::2], args[2::2]))
+    out = Path(options.get("--out", f"runs/study-{args[0]}"))
+    extra = ["--data_dir", options["--data_dir"]] if "--data_dir" in options else []
+    for sweep in study.sweeps(study.PRESETS[args[0]], out, extra):
+        sweep_run([*sweep.grid, "--out", str(sweep.out), "--", sweep.script, *sweep.flags], command, commands)
+    commands.written.append(out)
+
+
 def readme_commands() -> ReadmeCommands:
     commands, variables = ReadmeCommands(), {}
     for block in bash_blocks(README.read_text()):
@@ -103,6 +115,8 @@ def readme_commands() -> ReadmeCommands:
                 commands.runs.append(Run(SCRIPTS[args[1]], args[2:], command))
             elif args[0] in ("scripts/sweep.sh", "scripts/sweep_slurm.sh") and "--" in args:
                 sweep_run(args[1:], command, commands)
+            elif args[:3] == ["python", "-m", "utils.study"]:
+                study_runs(args[3:], command, commands)
             elif args[:3] in (["python", "-m", "utils.retest"], ["python", "-m", "utils.report"]):
                 commands.reads.append((Path(args[3]), len(commands.runs), command))
     return commands
@@ -144,6 +158,8 @@ def test_every_run_parses_and_its_topology_updates_come_round(run):
     if config.dataset == "miniImageNet":
         assert per_class - config.test_per_class >= 2, f"{run.command}: no images left to train on"
         per_class -= config.test_per_class
+    if config.train_per_class is not None:
+        per_class = min(per_class, config.train_per_class)
     batches = len(batch_bounds(config.num_classes_per_task * per_class, config.batch_size))
     if config.max_batches is not None:
         batches = min(batches, config.max_batches)
