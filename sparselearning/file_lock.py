@@ -95,7 +95,9 @@ def this_host() -> str:
 
 
 def pid_is_gone(pid: int) -> bool:
-    """Whether no process `pid` exists on this host (another user's process exists: not gone)."""
+    """Whether no live process `pid` exists on this host: none, or a zombie (killed, not yet
+    reaped by its parent; in a container whose first process does not reap, it may stay one).
+    Another user's live process exists: not gone."""
     if pid <= 0:
         return False
     try:
@@ -104,7 +106,16 @@ def pid_is_gone(pid: int) -> bool:
         return True
     except OSError:  # EPERM: it exists, it is someone else's
         return False
-    return False
+    return is_zombie(pid)
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether /proc says `pid` has exited (state Z or X); False where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"])
 
 
 class LockFile:

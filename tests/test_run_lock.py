@@ -316,3 +316,24 @@ def test_an_output_dir_name_longer_than_the_file_system_allows_is_one_line(tmp_p
 
 def test_file_lock_ages_read_well():
     assert [file_lock.format_age(s) for s in (-3, 12.4, 150, 3 * 3600)] == ["0 s", "12 s", "2.5 min", "3.0 h"]
+
+
+def test_a_killed_holder_not_yet_reaped_counts_as_gone():
+    """A run killed with -9 whose parent has not reaped it (a zombie; in a container whose first
+    process does not reap, it may stay one) holds nothing: its lock is taken over at once."""
+    import subprocess
+    import time as clock
+
+    from sparselearning.file_lock import pid_is_gone
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not pid_is_gone(child.pid)
+        child.kill()
+        deadline = clock.monotonic() + 10
+        while not pid_is_gone(child.pid) and clock.monotonic() < deadline:
+            clock.sleep(0.01)
+        assert pid_is_gone(child.pid)
+    finally:
+        child.kill()
+        child.wait()
