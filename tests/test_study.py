@@ -63,11 +63,14 @@ def test_run_estimate_counts_training_testing_and_task_inference():
     plain = study.Sweep("grid", None, (), "cifar100.py", ("--num_tasks", "2", "--num_classes_per_task", "5",
                                                            "--epochs", "3", "--train_per_class", "10",
                                                            "--test_per_class", "4"))
-    # train 3 epochs x 2 tasks x 50 images; test rows 1 and 2 of 20 images each task
-    expected = 3 * 100 * 0.01 + (1 + 2) * 20 * 0.001 + study.STARTUP_SECONDS
-    assert study.run_seconds(plain, costs) == pytest.approx(expected)
+    # train 3 epochs x 2 tasks x 50 images; each isolated network tested once on its 20 images
+    training = 3 * 100 * 0.01 + study.STARTUP_SECONDS + 2 * study.TASK_SECONDS
+    assert study.run_seconds(plain, costs) == pytest.approx(training + 2 * 20 * 0.001)
+    shared = study.Sweep("finetune", None, (), "cifar100.py", (*plain.flags, "--no-isolate"))
+    assert study.run_seconds(shared, costs) == pytest.approx(training + (1 + 2) * 20 * 0.001)  # rows 1 and 2
     inferred = study.Sweep("grid", None, (), "cifar100.py", (*plain.flags, "--task_inference", "calibrated"))
-    assert study.run_seconds(inferred, costs) == pytest.approx(expected + (1 + 4) * 20 * 0.001 + 100 * 0.001)
+    # every network on every test set, and the calibration on the training images
+    assert study.run_seconds(inferred, costs) == pytest.approx(training + (4 * 20 + 100) * 0.001)
 
 
 def test_a_bad_preset_is_one_line_and_exit_2(capsys):
