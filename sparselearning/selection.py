@@ -79,14 +79,16 @@ def _full_topk(scores: torch.Tensor, k: int, exclude: torch.Tensor | None) -> to
 
 def _top_lowest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices, ascending, of the k largest entries of `scores`, of equal ones at the k-th place
-    the lowest: every entry above the k-th largest value, then as many of those equal to it as
-    are missing, in index order. No host synchronization."""
-    kth = torch.topk(scores, k, sorted=False).values.min()
-    above = scores > kth
-    tied = scores == kth
-    missing = k - above.sum()
-    chosen = above | (tied & (tied.cumsum(0) <= missing))
-    return chosen.nonzero_static(size=k).squeeze(1)
+    the lowest. `topk` picks the k; only when an entry equal to the k-th value was left out (the
+    pick among equals was topk's) are the equals replaced by the lowest-index ones."""
+    values, indices = torch.topk(scores, k, sorted=False)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).index_fill_(0, indices, True)
+    tied = scores == values.min()
+    if bool((tied & ~chosen).any()):
+        chosen &= ~tied
+        missing = k - int(chosen.sum())
+        chosen.index_fill_(0, tied.nonzero().squeeze(1)[:missing], True)
+    return chosen.nonzero().squeeze(1)
 
 
 def random_free_indices(taken: torch.Tensor, k: int, free: int, generator: torch.Generator) -> torch.Tensor:
