@@ -30,7 +30,6 @@ the backbone's weights the task reuses from earlier tasks, adds new, and leaves 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
