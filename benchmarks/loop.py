@@ -49,7 +49,7 @@ def run_epoch(work: Workload) -> Result:
             dense_step()
 
     def epoch() -> None:
-        records.append(train_task(model, task, None, config, work.accel)[1])
+        records.append(train_task(model, task, None, config, work.accel).record)
 
     for _ in range(2):
         dense_step()

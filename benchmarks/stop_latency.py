@@ -181,7 +181,7 @@ def measure(setting: Setting, device: str, rounds: int, save_dir: Path | None) -
                             channels_last=accel.channels_last)
         seconds["test_batch"] = spread(lambda: evaluate(model, test, task.classes, config.eval,
                                                         autocast=accel.autocast), accel.device, rounds)
-        masks = [{name: mask.clone() for name, mask in training.masking.masks.items()} for _ in range(TASKS)]
+        masks = [{name: mask.clone() for name, mask in training.approach.masking.masks.items()} for _ in range(TASKS)]
         x = next(iter(test))[0]
         classes = [slice(CLASSES_PER_TASK * t, CLASSES_PER_TASK * (t + 1)) for t in range(TASKS)]
         seconds["oneshot_batch"] = spread(lambda: superposition_gradient(model, masks, x, classes, accel.autocast),

@@ -21,7 +21,8 @@ from sparselearning import Masking, TaskMasks
 from utils.acceleration import Acceleration
 from utils.cli import Config, parse_config
 from utils.experiment import build_tasks
-from utils.train import Task, make_optimizer
+from utils.approaches import make_optimizer
+from utils.train import Task
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DENSITY, SPARSE_INIT = 0.2, "ERK"
@@ -91,7 +92,7 @@ class Workload:
 
     def optimizer(self, model: nn.Module, **changes) -> torch.optim.Optimizer:
         """The training loop's optimizer (fused Adam), with config fields changed as given."""
-        return make_optimizer(dataclasses.replace(self.config, **changes), model)
+        return make_optimizer(dataclasses.replace(self.config, **changes), model.parameters())
 
     def masking(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, growth: str = "random",
                 frozen: dict[str, torch.Tensor] | None = None, update_frequency: int = 0,

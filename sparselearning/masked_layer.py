@@ -94,6 +94,12 @@ class MaskedLayer:
         self.fired = self.mask.clone()
         self.refresh(optimizer)
 
+    def restrict(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Make `mask` (a subset of the current one) the mask; the count follows (see `Masking.restrict`)."""
+        self.mask = mask.to(self.param.device, torch.bool, copy=True)
+        self.count = int(self.mask.sum())
+        self.refresh(optimizer)
+
     def refresh(self, optimizer: torch.optim.Optimizer) -> None:
         """Recompute the derived tensors from mask, frozen and fired, and enforce them."""
         self.trainable = self.mask & ~self.frozen

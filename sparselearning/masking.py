@@ -415,6 +415,26 @@ class Masking:
             return self.layers[name].gradient_scores()
         raise ValueError(f"{self.growth} growth samples weights directly: it has no growth scores")
 
+    def restrict(self, keep: Mapping[str, torch.Tensor]) -> None:
+        """Shrink this task's mask to `keep` for the rest of the task: one-shot pruning to a mask
+        chosen outside (PackNet's, after its dense phase). `keep` holds a bool tensor for every
+        masked layer, a subset of its current mask; the layer's count becomes its size, the
+        weights leaving the mask become zero with zero optimizer state, and no topology update
+        ever brings them back unless one is scheduled. A state saved afterwards loads into a
+        Masking given the same `keep` first (the counts must agree)."""
+        if not self._training:
+            raise self._order_error("restrict()")
+        keep = check_mask_dict("keep", keep)
+        check_mask_names("keep", keep, self.layers, complete=True, known_as="the masked layers")
+        check_mask_shapes("keep", keep, {name: layer.param.shape for name, layer in self.layers.items()})
+        outside = [name for name, layer in self.layers.items()
+                   if bool((keep[name].to(layer.mask.device) & ~layer.mask).any())]
+        if outside:
+            raise ValueError(f"keep must be a subset of the current mask; it adds weights in {some(outside, 8)}")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                layer.restrict(keep[name], self.optimizer)
+
     # ------------------------------------------------------------------ end of task
 
     def consolidate(self) -> dict[str, torch.Tensor]:

@@ -60,6 +60,8 @@ DEFAULTS: dict[str, object] = {
     "deterministic": True,
     "regrow_frozen": False,
     "lock_stale_minutes": 10.0,
+    "approach": "dst",
+    "prune_after": None,
     "train_per_class": None,
 }
 

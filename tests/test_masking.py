@@ -1052,3 +1052,50 @@ def test_frozen_last_still_grows_frozen_weights_when_nothing_else_is_free():
     mask.step()  # the update: k = 50 pruned and regrown
     assert int(mask.masks["0.weight"].sum()) == 100
     assert mask.masks["0.weight"].view(-1)[:5].all()  # the unfrozen inactive ones first
+
+
+# --------------------------------------------------------------------------- restrict (one-shot pruning to a given mask)
+
+
+@pytest.mark.parametrize("opt_kind", ["adam", "sgd"])
+def test_restrict_shrinks_the_mask_exactly_and_keeps_the_invariants(opt_kind, device):
+    model, masks1, w1 = run_task1(opt_kind, device=device)
+    opt = make_opt(opt_kind, model.parameters())
+    mask = Masking(opt, density=1.0, update_frequency=0, total_steps=20, frozen=masks1, seed=1)
+    mask.add_module(model)
+    train(model, opt, mask, make_batches(5, 2, device=device))
+    keep = {n: m | (torch.rand(m.shape, generator=torch.Generator().manual_seed(3)) < 0.2).to(device)
+            for n, m in masks1.items()}
+    mask.restrict(keep)
+    assert {n: int(m.sum()) for n, m in mask.masks.items()} == {n: int(k.sum()) for n, k in keep.items()}
+    assert mask.counts == {n: int(k.sum()) for n, k in keep.items()}
+    check_invariants(model, opt, mask)  # the weights and optimizer state that left the mask are zero
+    train(model, opt, mask, make_batches(5, 3, device=device), lambda i: check_invariants(model, opt, mask))
+    for n, p in model.named_parameters():
+        if n in masks1:
+            assert torch.equal(p.detach()[masks1[n]], w1[n][masks1[n]])  # frozen: bit-identical
+    state = mask.state_dict()
+    fresh = Masking(make_opt(opt_kind, model.parameters()), density=1.0, update_frequency=0, total_steps=20,
+                    frozen=masks1, seed=1)
+    fresh.add_module(model)
+    with pytest.raises(ValueError, match="another allocation"):
+        fresh.load_state_dict(state)  # a restricted state needs the same restrict first
+    fresh.restrict(state["masks"])
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.masks[n], mask.masks[n]) for n in keep)
+
+
+def test_restrict_refuses_what_is_not_a_subset_and_calls_out_of_order():
+    model = build()
+    opt = make_opt("adam", model.parameters())
+    mask = Masking(opt, density=0.3, update_frequency=0, total_steps=5, seed=0)
+    with pytest.raises(RuntimeError, match="before add_module"):
+        mask.restrict({})
+    mask.add_module(model)
+    with pytest.raises(ValueError, match="subset of the current mask"):
+        mask.restrict({n: torch.ones_like(m) for n, m in mask.masks.items()})
+    with pytest.raises(ValueError, match="keep"):
+        mask.restrict({n: m for n, m in list(mask.masks.items())[:1]})  # not every layer
+    mask.consolidate()
+    with pytest.raises(RuntimeError, match="after consolidate"):
+        mask.restrict(mask.masks)

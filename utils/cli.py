@@ -26,6 +26,7 @@ import torch
 from data import CLASS_ORDER_MODES, DATASET_STATS
 from models import MODELS
 from sparselearning import DEATH_MODES, GROWTH_MODES, NEW_WEIGHTS, SPARSE_INITS
+from utils.approaches import APPROACHES
 from utils.epoch_metrics import tensorboard_available
 from utils.errors import UserError
 from utils.task_inference import CALIBRATED_METHODS, DEFAULT_METHOD, INFERENCE_METHODS
@@ -131,6 +132,8 @@ class Config:
     deterministic: bool = True
     regrow_frozen: bool = False
     lock_stale_minutes: float = 10.0
+    approach: str = "dst"
+    prune_after: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (paths become strings), in field order."""
@@ -150,15 +153,19 @@ def run_name(
     density: float,
     seed: int,
     isolate: bool,
+    approach: str = "dst",
 ) -> str:
     """The readable directory name of a run, e.g. ``cifar100_10tasks_ERK_random_d0.2_s0``.
 
     Dense runs are ``<dataset>_<T>tasks_dense_s<seed>``; sparse runs without isolation get
-    the suffix ``_noiso``. Flags not in the name (epochs, update frequency, ...) do not make
-    a new directory: pass ``--output_dir`` to keep such runs apart.
+    the suffix ``_noiso``; another approach than DST is named instead of the growth, e.g.
+    ``cifar100_10tasks_packnet_ERK_d0.1_s0``. Flags not in the name (epochs, update frequency,
+    ...) do not make a new directory: pass ``--output_dir`` to keep such runs apart.
     """
     if not sparse:
         return f"{dataset}_{num_tasks}tasks_dense_s{seed}"
+    if approach != "dst":
+        return f"{dataset}_{num_tasks}tasks_{approach}_{sparse_init}_d{density}_s{seed}"
     name = f"{dataset}_{num_tasks}tasks_{sparse_init}_{growth}_d{density}_s{seed}"
     return name if isolate else name + "_noiso"
 
@@ -306,6 +313,10 @@ def _add_training_flags(train: argparse._ArgumentGroup, benchmark: str) -> None:
 
 
 def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
+    sparse.add_argument("--approach", choices=tuple(APPROACHES), default="dst",
+                        help="how each task's sparse sub-network is trained: dst (the paper's dynamic sparse "
+                        "training; with --update_frequency 0 static sparse, with --no-isolate sparse "
+                        "fine-tuning), or a peer method (see the README)")
     sparse.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
                         help="train sparse sub-networks (--no-sparse: the dense baseline)")
     sparse.add_argument("--density", type=_finite_float, default=0.2,
@@ -331,6 +342,9 @@ def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
     sparse.add_argument("--new_weights", choices=NEW_WEIGHTS, default="zero",
                         help="never-used weights entering a later task's mask start at zero "
                         "(authors) or at a fresh draw of the layer's default init")
+    sparse.add_argument("--prune_after", type=int, default=None,
+                        help="--approach packnet: epochs a task trains densely before it is pruned to its share "
+                        "(default: two thirds of the task's epochs, as PackNet's 20 + 10); the rest retrain")
     sparse.add_argument("--regrow_frozen", action=argparse.BooleanOptionalAction, default=False,
                         help="let momentum and gradient growth rank earlier tasks' (frozen) weights by their "
                         "real gradients too (default: off, as the authors: frozen weights rank last, so "
@@ -501,6 +515,17 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
         f"--task_inference {args.task_inference} calibrates each task's network right after its task: it needs "
         "--sparse and --isolate (networks that do not change afterwards)",
     )
+    if args.approach != "dst":
+        _require(args.sparse and args.isolate is not False,
+                 f"--approach {args.approach} gives each task a sparse sub-network of its own: it needs --sparse and "
+                 "--isolate (the defaults)")
+    _require(args.prune_after is None or args.approach == "packnet", "--prune_after is PackNet's: it needs "
+             "--approach packnet")
+    if args.approach == "packnet":
+        _require(args.epochs >= 2 and (args.prune_after is None or 1 <= args.prune_after < args.epochs),
+                 f"--approach packnet trains, prunes after --prune_after epochs, then retrains: it needs --epochs >= 2 "
+                 f"and 1 <= --prune_after < --epochs (got {args.prune_after} of {args.epochs}; default: two thirds "
+                 "of the epochs)")
     _require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one")
     _require(not (args.cudnn_benchmark and args.deterministic),
              "--cudnn_benchmark picks cuDNN's algorithms by timing them, so runs do not repeat bit for bit as "
@@ -524,7 +549,7 @@ def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
     output_dir = args.output_dir
     if output_dir is None:
         name = run_name(args.dataset, args.num_tasks, args.sparse, args.sparse_init,
-                        args.growth, args.density, args.seed, isolate)
+                        args.growth, args.density, args.seed, isolate, args.approach)
         output_dir = Path("runs") / name
     device = _validate_device(_default_device() if args.device is None else args.device)
     if args.compile:

@@ -29,7 +29,7 @@ from utils.metrics import (AGNOSTIC_KEYS, METRIC_KEYS, format_agnostic_report, f
                            summarize, summarize_agnostic)
 from utils.stopping import StopNow, StopRequest
 from utils.task_inference import AgnosticRow, TaskInference
-from utils.train import CUDA_STREAM, Task, global_rng_state, restore_global_rng_state, train_task
+from utils.train import CUDA_STREAM, Task, TrainedTask, global_rng_state, restore_global_rng_state, train_task
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Experiment:
                              for task in tasks]
         self.acc = np.full((config.num_tasks, config.num_tasks), np.nan)
         self.task_masks, self.records, self.tested = TaskMasks(), [], EvaluatedNetworks()
+        self.carried: Any = None  # what the last task's approach handed on to the next (`Approach.carry`)
         self.inference = None if config.task_inference == "none" else TaskInference(
             config.task_inference, config.eval, self.accel.autocast, self.tested)
         self.acc_agnostic = np.full_like(self.acc, np.nan)
@@ -169,18 +170,18 @@ class Experiment:
         and RunStopped raised; `--resume` then measures the row again, whole, without training."""
         config, t = self.config, task.index
         if in_progress is not None and in_progress.get(self.TRAINED):
-            mask, record = self.load_trained(in_progress)
+            mask, record, carry = self.load_trained(in_progress)
         else:
             frozen = self.task_masks.frozen_before(t) if config.isolate else None
-            mask, record = train_task(self.model, task, frozen, config, self.accel, in_progress, self.save_progress,
-                                      stop, on_epoch=self.epoch_done)
+            mask, record, carry = train_task(self.model, task, frozen, config, self.accel, in_progress,
+                                             self.save_progress, stop, on_epoch=self.epoch_done, carried=self.carried)
         if mask is not None:
             self.task_masks.add(mask)
         rng = global_rng_state(self.accel.device)  # as training left it
         try:
             agnostic, self.acc[t] = self.test_rows(task, stop)
         except StopNow:
-            self.save_progress(self.trained_state(t, mask, record, rng))
+            self.save_progress(self.trained_state(t, TrainedTask(mask, record, carry), rng))
             raise RunStopped(f"{stop.name} in task {t + 1}, while testing it (its training is saved; "
                              "the tests run again)") from None
         if agnostic is not None:
@@ -190,6 +191,7 @@ class Experiment:
                                         "backward_passes": agnostic.backward_passes}
         record["test_acc"] = float(self.acc[t, t])
         self.records.append(record)
+        self.carried = carry
         self.task_tested(t, record)
         log.info("task %d/%d (classes %d-%d): train %.2f%% (epoch %d), test %.2f%%, %.1f s%s%s",
                  t + 1, config.num_tasks, task.classes.start, task.classes.stop - 1, record["train_acc"],
@@ -212,26 +214,25 @@ class Experiment:
                            autocast=self.accel.autocast, tested=self.tested, stop=stop)
         return agnostic, row
 
-    def trained_state(self, t: int, mask: dict[str, torch.Tensor] | None, record: dict[str, Any],
-                      rng: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def trained_state(self, t: int, trained: TrainedTask, rng: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Task t once trained, before its row is measured: what `train_task` returned (the mask
         bit-packed), the weights, the task's epoch rows and `rng`, the random states training left
         (`global_rng_state`); saved as the task in progress, with `epochs_done` all the epochs."""
         packed = None
-        if mask is not None:
+        if trained.mask is not None:
             store = TaskMasks()
-            store.add(mask)
+            store.add(trained.mask)
             packed = store.state_dict()
         return {"task": t, "epochs_done": self.config.epochs, self.TRAINED: True, "model": self.model.state_dict(),
-                "mask": packed, "record": record, "epoch_rows": self.task_rows, **rng}
+                "mask": packed, "record": trained.record, "carry": trained.carry, "epoch_rows": self.task_rows, **rng}
 
-    def load_trained(self, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-        """Back to the moment `trained_state` was saved; the task's mask and record, as `train_task` returned them."""
+    def load_trained(self, state: dict[str, Any]) -> TrainedTask:
+        """Back to the moment `trained_state` was saved; what `train_task` returned."""
         self.model.load_state_dict(state["model"])
         self.task_rows = state["epoch_rows"]
         restore_global_rng_state(state, self.accel.device, derive_seed(self.config.seed, CUDA_STREAM, state["task"]))
         mask = None if state["mask"] is None else TaskMasks.from_state_dict(state["mask"], self.accel.device)[0]
-        return mask, state["record"]
+        return TrainedTask(mask, state["record"], state.get("carry"))  # "carry": absent from earlier versions
 
     def epoch_done(self, rows: list[dict[str, Any]]) -> None:
         """The task in training finished an epoch (or started, with the rows of its epochs done):
@@ -264,7 +265,8 @@ class Experiment:
 
     def state_dict(self) -> dict[str, Any]:
         calibration = {} if self.inference is None else {"calibration": self.inference.state_dict()}
-        return {**calibration, "model": self.model.state_dict(), "task_masks": self.task_masks.state_dict(),
+        carried = {} if self.carried is None else {"approach_carry": self.carried}
+        return {**calibration, **carried, "model": self.model.state_dict(), "task_masks": self.task_masks.state_dict(),
                 "acc_matrix": self.acc.tolist(), "acc_matrix_agnostic": self.acc_agnostic.tolist(),
                 "per_task": self.records, "tasks_done": len(self.records), "epoch_rows": self.epoch_rows}
 
@@ -277,6 +279,7 @@ class Experiment:
         if "acc_matrix_agnostic" in state:  # checkpoints from before task inference have none
             self.acc_agnostic = np.array(state["acc_matrix_agnostic"], dtype=float)
         self.records = state["per_task"]
+        self.carried = state.get("approach_carry")
         self.epoch_rows = state.get("epoch_rows", [])  # absent from checkpoints of earlier versions
 
     def write_results(self, stopped: str | None = None, resumable: bool = False) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import Split, TensorLoader
-from sparselearning import Masking, derive_seed
+from sparselearning import derive_seed
 from utils.acceleration import Acceleration
+from utils.approaches import Approach, approach_class
 from utils.cli import Config
 from utils.epoch_metrics import epoch_row
 from utils.errors import NonFiniteLoss, RunStopped
@@ -34,6 +35,12 @@ from utils.stopping import StopRequest
 log = logging.getLogger(__name__)
 
 LOADER_STREAM, MASK_STREAM, CUDA_STREAM = 1, 2, 3  # per task: derive_seed(config.seed, stream, task)
+
+
+def approach_state(state: dict[str, Any]) -> Any:
+    """The approach's part of a saved task (`TaskTraining.state_dict()`, or a kept epoch): saved as
+    "masking" (DST's Masking state, None when dense) before training moved behind `utils.approaches`."""
+    return state["approach"] if "approach" in state else state["masking"]
 
 
 def global_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -88,6 +95,15 @@ class Task:
     test: Split
 
 
+class TrainedTask(NamedTuple):
+    """What training a task leaves: its network's mask (None: the whole model), its record, and
+    what its approach hands to the next task's (`Approach.carry`; None for most)."""
+
+    mask: dict[str, torch.Tensor] | None
+    record: dict[str, Any]
+    carry: Any = None
+
+
 @dataclass
 class EpochProgress:
     """An epoch under way: the loader's state before the epoch drew its shuffle and augmentation,
@@ -118,20 +134,6 @@ class EpochProgress:
         return cls(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()})
 
 
-def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """A fresh optimizer for each task (the authors' choice).
-
-    The fused implementations compute the same update in one kernel; on a CPU, fused Adam is
-    about 5x faster than the default and, unlike it, not slowed by the zero moments of
-    masked-out weights.
-    """
-    fused = torch.device(config.device).type in ("cpu", "cuda")
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.l2, fused=fused)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.l2,
-                           fused=fused)
-
-
 def batches_per_epoch(loader: TensorLoader, config: Config) -> int:
     return len(loader) if config.max_batches is None else min(len(loader), config.max_batches)
 
@@ -139,28 +141,30 @@ def batches_per_epoch(loader: TensorLoader, config: Config) -> int:
 class TaskTraining:
     """The state of one task in training.
 
-    Built fresh for the task: a shuffling, augmenting loader with the task's own seed, a fresh
-    optimizer and MultiStepLR (x0.1 at 50 % and 75 % of the epochs), and, for sparse runs, a
-    Masking with the earlier tasks' weights `frozen`, its initial mask drawn. `end_epoch` keeps
-    the epoch the task will keep (`--keep best_train`: the best training accuracy; `last`).
+    Built fresh for the task: a shuffling, augmenting loader with the task's own seed, and the
+    task's approach (`utils.approaches`: DST's Masking with the earlier tasks' weights `frozen`,
+    its initial mask drawn, or another) with its fresh optimizer and LR schedule (DST's:
+    MultiStepLR, x0.1 at 50 % and 75 % of the epochs). `end_epoch` keeps the epoch the task will
+    keep (`--keep best_train`: the best training accuracy; `last`) among those the approach allows.
     """
 
     # What state_dict() holds, each part once. Objects with their own state_dict():
-    OBJECTS = ("model", "optimizer", "scheduler", "masking", "loader", "epoch_progress")
+    OBJECTS = ("model", "optimizer", "scheduler", "approach", "loader", "epoch_progress")
     # ... and plain values: epochs finished, the kept epoch and its copy (see `state_dict`), the
     # finished epochs' rows of metrics.csv (`utils.epoch_metrics`).
     VALUES = ("epochs_done", "best_acc", "best_epoch", "kept", "epoch_rows")
 
     def __init__(self, model: nn.Module, task: Task, frozen: dict[str, torch.Tensor] | None, config: Config,
-                 accel: Acceleration) -> None:
+                 accel: Acceleration, carried: Any = None) -> None:
         self.model, self.task, self.config, self.accel = model, task, config, accel
         self.loader = TensorLoader(task.train, batch_size=config.batch_size, train=True, device=accel.device,
                                    seed=derive_seed(config.seed, LOADER_STREAM, task.index),
                                    channels_last=accel.channels_last)
-        self.optimizer = make_optimizer(config, model)
-        milestones = [int(config.epochs * 0.5), int(config.epochs * 0.75)]
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
-        self.masking = self._masking(frozen) if config.sparse else None
+        self.approach: Approach = approach_class(config)(
+            model, frozen, config, total_steps=config.epochs * batches_per_epoch(self.loader, config),
+            seed=derive_seed(config.seed, MASK_STREAM, task.index), carried=carried)
+        self.optimizer = self.approach.optimizer
+        self.scheduler = self.approach.make_scheduler(config.epochs)
         self.epochs_done = 0
         self.best_acc, self.best_epoch = -math.inf, -1
         self.kept: dict[str, Any] | None = None  # a copy of the kept epoch; None: the current state
@@ -168,18 +172,6 @@ class TaskTraining:
         self.epoch_progress: EpochProgress | None = None  # an epoch stopped half-way, to continue
         self._earlier_seconds, self._started = 0.0, time.perf_counter()
         self._saved_epochs, self._saved_at = 0, time.monotonic()  # the last progress save (or the start)
-
-    def _masking(self, frozen: dict[str, torch.Tensor] | None) -> Masking:
-        config = self.config
-        masking = Masking(
-            self.optimizer, density=config.density, sparse_init=config.sparse_init, death=config.death,
-            growth=config.growth, death_rate=config.death_rate, update_frequency=config.update_frequency,
-            total_steps=config.epochs * batches_per_epoch(self.loader, config), frozen=frozen,
-            new_weights=config.new_weights, regrow_frozen=config.regrow_frozen,
-            seed=derive_seed(config.seed, MASK_STREAM, self.task.index),
-        )
-        masking.add_module(self.model)
-        return masking
 
     @property
     def seconds(self) -> float:
@@ -201,28 +193,28 @@ class TaskTraining:
 
     def end_epoch(self, loss: float, acc: float) -> None:
         """Record the epoch's row, step the LR schedule, keep this epoch if it is the one the task keeps."""
-        updates = self.masking.topology_updates if self.masking is not None else 0
         self.epoch_rows.append(epoch_row(self.task.index, self.epochs_done, loss, acc,
-                                         self.scheduler.get_last_lr()[0], updates, self.seconds))
+                                         self.scheduler.get_last_lr()[0], self.approach.topology_updates,
+                                         self.seconds))
         self.scheduler.step()
         epoch, self.epochs_done = self.epochs_done, self.epochs_done + 1
-        if self.config.keep == "last" or acc > self.best_acc:
+        if self.approach.keepable() and (self.config.keep == "last" or acc > self.best_acc):
             self.best_acc, self.best_epoch = acc, epoch
             last = self.epochs_done == self.config.epochs
             self.kept = self._snapshot() if self.config.keep == "best_train" and not last else None
+        self.approach.end_epoch(self.epochs_done)
 
     def _snapshot(self) -> dict[str, Any]:
-        """Copies of the weights and the Masking state, to go back to this epoch at the end."""
+        """Copies of the weights and the approach's state, to go back to this epoch at the end."""
         weights = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
-        return {"model": weights, "masking": self.masking.state_dict() if self.masking is not None else None}
+        return {"model": weights, "approach": self.approach.state_dict()}
 
-    def finish(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-        """Go back to the kept epoch; return the task's final mask (None when dense) and its record."""
-        updates = self.masking.topology_updates if self.masking is not None else 0  # in training, all epochs
+    def finish(self) -> TrainedTask:
+        """Go back to the kept epoch; the task's final mask (None: the whole model), its record and carry."""
+        updates = self.approach.topology_updates  # in training, all epochs
         if self.kept is not None:
             self.model.load_state_dict(self.kept["model"])
-            if self.masking is not None:
-                self.masking.load_state_dict(self.kept["masking"])
+            self.approach.load_state_dict(approach_state(self.kept))
         record: dict[str, Any] = {
             "task": self.task.index + 1,  # as the log numbers tasks: from 1
             "classes": [self.task.classes.start, self.task.classes.stop - 1],  # first and last, as in the log
@@ -230,12 +222,12 @@ class TaskTraining:
             "kept_epoch": self.best_epoch + 1,
             "train_acc": self.best_acc,
         }
-        if self.masking is None:
-            return None, record
-        capacity = self.masking.capacity()["total"]
-        record.update(density=capacity["task"], capacity_used=capacity["used"],
-                      capacity_reused=capacity["reused"], capacity_free=capacity["free"], topology_updates=updates)
-        return self.masking.consolidate(), record
+        mask, extra = self.approach.finish()
+        record.update(extra)
+        if mask is not None:
+            record["topology_updates"] = updates
+            record["mask_bits"] = sum(m.numel() for m in mask.values())  # stored bit-packed: one a maskable weight
+        return TrainedTask(mask, record, self.approach.carry())
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the task exactly (references; save it before training on).
@@ -259,8 +251,7 @@ class TaskTraining:
         # stopped half-way, is no object until then: it is rebuilt from its state below.
         for name in self.OBJECTS[:-1]:
             part = getattr(self, name)
-            if part is not None:
-                part.load_state_dict(state[name])
+            part.load_state_dict(approach_state(state) if name == "approach" else state[name])
         partial = state.get("epoch_progress")  # absent from checkpoints of earlier versions, like the RNG states
         self.epoch_progress = EpochProgress.from_state_dict(partial, self.accel.device) if partial else None
         for name in self.VALUES:
@@ -291,14 +282,11 @@ def train_epoch(training: TaskTraining, epoch: int, stop: StopRequest | None = N
     total = batches_per_epoch(training.loader, config)
     for batch, (x, y) in itertools.islice(enumerate(training.loader), progress.batches_done, total):
         with accel.autocast():
-            logits = model(x)
+            logits = training.approach.forward(x)
         loss = F.cross_entropy(logits[:, task.classes].float(), y - task.classes.start)
         training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if training.masking is not None:
-            training.masking.step()  # the optimizer's step, restricted to the task's trainable weights
-        else:
-            training.optimizer.step()
+        training.approach.step()  # the optimizer's step, as the approach restricts it
         correct = (predictions(logits.detach(), task.classes, config.eval) == y).sum()
         progress.add(batch, loss.detach(), correct, len(y))
         if stop is not None and stop.requested and progress.batches_done < total:  # else: end the epoch
@@ -321,15 +309,17 @@ def train_task(
     save_progress: Callable[[dict[str, Any]], None] | None = None,
     stop: StopRequest | None = None,
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """Train `model` on one task; return the task's final mask (None when dense) and a record.
+    carried: Any = None,
+) -> TrainedTask:
+    """Train `model` on one task; return the task's final mask (None: the whole model), a record,
+    and what its approach hands on to the next task's (`carried` is what the previous one handed on).
 
     `in_progress` (a `TaskTraining.state_dict()`) continues the task from there, exactly. The
     task's state goes to `save_progress` when `TaskTraining.progress_save_due`, and when `stop` is
     requested, after the current optimizer step; RunStopped is then raised. `on_epoch` gets the
     task's epoch rows (`utils.epoch_metrics`) at the start and after every epoch.
     """
-    training = TaskTraining(model, task, frozen, config, accel)
+    training = TaskTraining(model, task, frozen, config, accel, carried)
     if in_progress is not None:
         training.load_state_dict(in_progress)
     if on_epoch is not None:

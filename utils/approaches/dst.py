@@ -1,0 +1,68 @@
+"""The paper's approach and its baselines: dynamic sparse training with `Masking`, and dense fine-tuning.
+
+`DST` is the paper's method: each task gets a sparse mask (`--density`, `--sparse_init`), the
+weights of earlier tasks frozen, its topology updated every `--update_frequency` steps (prune by
+magnitude, regrow by `--growth`). Two of the paper's baselines are DST with a flag:
+static sparse training (`--update_frequency 0`: the initial mask is kept) and sparse fine-tuning
+(`--no-isolate`: nothing is frozen, so later tasks overwrite earlier ones). `Dense` is dense
+fine-tuning (`--no-sparse`): the whole network trains on every task.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.nn as nn
+
+from sparselearning import Masking
+from utils.approaches.base import Approach, Mask
+
+if TYPE_CHECKING:
+    from utils.cli import Config
+
+
+class DST(Approach):
+    """Dynamic sparse training of each task's sub-network (`sparselearning.Masking`)."""
+
+    name = "dst"
+
+    def __init__(self, model: nn.Module, frozen: Mask | None, config: Config, total_steps: int, seed: int,
+                 carried: Any = None) -> None:
+        super().__init__(model, frozen, config, total_steps, seed, carried)
+        self.masking = Masking(
+            self.optimizer, density=config.density, sparse_init=config.sparse_init, death=config.death,
+            growth=config.growth, death_rate=config.death_rate, update_frequency=config.update_frequency,
+            total_steps=total_steps, frozen=frozen, new_weights=config.new_weights,
+            regrow_frozen=config.regrow_frozen, seed=seed,
+        )
+        self.masking.add_module(model)
+
+    @property
+    def topology_updates(self) -> int:
+        return self.masking.topology_updates
+
+    def step(self) -> None:
+        self.masking.step()  # the optimizer's step, restricted to the task's trainable weights
+
+    def finish(self) -> tuple[Mask, dict[str, Any]]:
+        return self.masking.consolidate(), capacity_record(self.masking)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.masking.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masking.load_state_dict(state)
+
+
+def capacity_record(masking: Masking) -> dict[str, Any]:
+    """A sparse task's record entries: its density, the backbone's share used by any task so far,
+    the share of its mask reused from earlier tasks, and what is still free."""
+    capacity = masking.capacity()["total"]
+    return {"density": capacity["task"], "capacity_used": capacity["used"], "capacity_reused": capacity["reused"],
+            "capacity_free": capacity["free"]}
+
+
+class Dense(Approach):
+    """Dense fine-tuning (`--no-sparse`): every weight trains on every task; the tasks' network is the whole model."""
+
+    name = "dense"
