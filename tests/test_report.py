@@ -90,13 +90,16 @@ def runs_dir(tmp_path) -> Path:
 
 
 def markdown_tables(text: str) -> dict[str, list[list[str]]]:
-    """Section title -> the rows of the table under it (header first), cells stripped."""
-    tables, title = {}, None
+    """Section title -> the rows of the first table under it (header first), cells stripped."""
+    tables, title, done = {}, None, set()
     for line in text.splitlines():
         if line.startswith("## "):
             title = line[3:]
-        elif line.startswith("|") and not line.startswith("|---"):
-            tables.setdefault(title, []).append([cell.strip() for cell in line.strip("|").split("|")])
+        elif line.startswith("|"):
+            if not line.startswith("|---") and title not in done:
+                tables.setdefault(title, []).append([cell.strip() for cell in line.strip("|").split("|")])
+        elif title in tables:
+            done.add(title)  # the first table ended
     return tables
 
 

@@ -32,10 +32,12 @@ GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PER_GPU", 
 
 
 def tiny_flags(data_dir: Path, tasks: int = 2, max_batches: int = 3) -> list[str]:
-    """A run of a few seconds: `tasks` tasks of 2 classes, 1 epoch of `max_batches` batches."""
+    """A run of a few seconds: `tasks` tasks of 2 classes, 1 epoch of `max_batches` batches, tested
+    on 2 x 16 images a task (two batches)."""
     return ["--data_dir", str(data_dir), "--no-download", "--num_tasks", str(tasks), "--num_classes", str(2 * tasks),
             "--num_classes_per_task", "2", "--epochs", "1", "--max_batches", str(max_batches), "--batch_size", "16",
-            "--device", "cpu", "--update_frequency", "2", "--task_inference", "confidence"]
+            "--test_per_class", "16", "--test_batch_size", "16", "--device", "cpu", "--update_frequency", "2",
+            "--task_inference", "confidence"]
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -250,7 +252,11 @@ def test_the_report_tables_the_sweep(swept, tmp_path, capsys):
     assert report.main([str(out), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("| ")]
-    assert len(tables) == 2  # the task-aware table, then the task-agnostic one (tiny_flags: --task_inference)
+    # the task-aware table, the task-agnostic one (tiny_flags: --task_inference), the backbone used
+    assert len(tables) == 3
+    for line, growth in zip(tables[2][2:], ("random", "unfired")):
+        used = [100 * results(out / f"ERK_{growth}_d{d}_s0")["per_task"][-1]["capacity_used"] for d in ("0.2", "0.1")]
+        assert line == f"| ERK + {growth} | {used[0]:.2f} (n=1) | {used[1]:.2f} (n=1) |"
     for table, metric in zip(tables, ("acc", "acc_agnostic")):
         assert table[0] == "| init + growth | 80 % | 90 % | BWT |" and len(table) == 4  # header, rule, 2 rows
         for line, growth in zip(table[2:], ("random", "unfired")):

@@ -10,12 +10,16 @@ Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS
 ``report.md``
     One table per benchmark (dataset x number of tasks x classes per task: runs of different
     splits never share a table). Rows: sparse_init x growth of the isolated dynamic-sparse runs,
-    then a row per baseline found: static sparse (update_frequency 0, per init), sparse
+    then a row per other approach and init (``--approach``: WSN, PackNet, SupSup), then a row
+    per baseline found: static sparse (update_frequency 0, per init), sparse
     fine-tuning (isolate false, per init and growth) and dense fine-tuning (sparse false; its
     column is 0 % sparsity). Columns: sparsity = 1 - density (0.2, 0.1, 0.05 ->
     80 %, 90 %, 95 %). Cells: the final ACC (%), mean ± std over the runs (seeds) with their number
     n; std is the sample standard deviation (n - 1) and is left out when n = 1. The BWT column is
-    mean ± std over all of the row's runs. Below each table: the settings its runs share, and a
+    mean ± std over all of the row's runs. A second table of the same layout: the backbone's
+    weights the row's runs use after the last task (%, any task's), which is what a sparse
+    approach spends; every sparse run also stores one mask bit per maskable weight and task
+    (said below the table). Below each table: the settings its runs share, and a
     warning when they differ in a setting the table does not show (the cells would mix them).
     Runs that also tested with the task id hidden (``--task_inference``) get a second table of the
     same layout: the task-agnostic final ACC and the BWT of the task-agnostic matrix.
@@ -44,7 +48,6 @@ Every file is written atomically (a temporary name in the same folder, then rena
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -66,14 +69,15 @@ from utils.run_dir import CHECKPOINT_FILE, CONFIG_FILE, FINGERPRINT, PROGRESS_FI
 FIGURES_HINT = "pip install -r requirements-figures.txt"
 INIT_ORDER = ("ERK", "uniform")
 GROWTH_ORDER = ("random", "unfired", "momentum", "gradient")
+APPROACH_LABELS = {"wsn": "WSN", "packnet": "PackNet", "supsup": "SupSup"}  # rows of the other approaches, in order
 SHOWN_SETTINGS = ("epochs", "update_frequency", "max_batches", "task_inference", "test_batch_size")
 # Settings that may differ between the runs of one table: the table's own axes, settings that
 # do not change results (those --resume accepts changed), and the data's fingerprint (recorded
 # with the config; it changes with the seed: miniImageNet's test split, a random class order).
 TABLE_AXES = ("dataset", "num_tasks", "num_classes_per_task", "num_classes", "sparse", "isolate", "sparse_init",
-              "growth", "density", "seed", *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
-CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "sparse", "isolate", "sparse_init", "growth",
-                "density", "update_frequency", "epochs", "seed")
+              "growth", "density", "seed", "approach", *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
+CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "approach", "sparse", "isolate", "sparse_init",
+                "growth", "density", "update_frequency", "epochs", "seed")
 CSV_METRICS = ("acc", "bwt", "fwt", "fwt_above_chance", "forgetting", "acc_agnostic", "bwt_agnostic")
 
 
@@ -152,16 +156,21 @@ def _order(value: str, known: Sequence[str]) -> tuple[int, str]:
 
 
 def table_row(config: dict[str, Any]) -> tuple[tuple, str]:
-    """(sort key, label) of the table row a run belongs to: its init x growth, or its baseline."""
+    """(sort key, label) of the table row a run belongs to: its init x growth, its approach and
+    init, or its baseline."""
     init, growth = config.get("sparse_init", "?"), config.get("growth", "?")
     static = config.get("update_frequency") == 0
+    approach = config.get("approach", "dst")  # absent from the configs of earlier versions: DST's
     if not config.get("sparse", True):
-        return (3,), "dense fine-tuning"
+        return (4,), "dense fine-tuning"
+    if approach != "dst":
+        label = APPROACH_LABELS.get(approach, approach)
+        return (1, _order(approach, tuple(APPROACH_LABELS)), _order(init, INIT_ORDER)), f"{label}: {init}"
     if not config.get("isolate", True):
         how = "static" if static else growth
-        return (2, _order(init, INIT_ORDER), _order(how, GROWTH_ORDER)), f"sparse fine-tuning: {init} + {how}"
+        return (3, _order(init, INIT_ORDER), _order(how, GROWTH_ORDER)), f"sparse fine-tuning: {init} + {how}"
     if static:
-        return (1, _order(init, INIT_ORDER)), f"static sparse: {init}"
+        return (2, _order(init, INIT_ORDER)), f"static sparse: {init}"
     return (0, _order(init, INIT_ORDER), _order(growth, GROWTH_ORDER)), f"{init} + {growth}"
 
 
@@ -211,16 +220,40 @@ class Table:
                 and (column is None or sparsity_percent(run.config) == column)]
 
     def cell(self, row: str, column: float, metric: str = "acc") -> Stats | None:
-        values = [run.results[metric] for run in self.runs_in(row, column) if run.results.get(metric) is not None]
+        values = [value for run in self.runs_in(row, column) if (value := run_metric(run, metric)) is not None]
         return stats(values) if values else None
 
     def row_stats(self, row: str, metric: str = "bwt") -> Stats | None:
         """`metric` over all runs of the row (any sparsity)."""
-        values = [run.results[metric] for run in self.runs_in(row) if run.results.get(metric) is not None]
+        values = [value for run in self.runs_in(row) if (value := run_metric(run, metric)) is not None]
         return stats(values) if values else None
 
     def has(self, metric: str) -> bool:
-        return any(run.results.get(metric) is not None for run in self.runs)
+        return any(run_metric(run, metric) is not None for run in self.runs)
+
+
+CAPACITY = "capacity_used_percent"
+"""The metric of the capacity table: the backbone's weights any task uses after the last task (%)."""
+
+
+def run_metric(run: Run, metric: str) -> float | None:
+    """A run's `metric`: a key of its results.json, or `CAPACITY` (None for a dense run)."""
+    if metric == CAPACITY:
+        per_task = run.results.get("per_task") or []
+        used = per_task[-1].get("capacity_used") if per_task else None
+        return None if used is None else 100 * used
+    return run.results.get(metric)
+
+
+def mask_bits_note(table: Table) -> str | None:
+    """How many mask bits a sparse task stores (one a maskable weight), from the runs' records."""
+    bits = sorted({record["mask_bits"] for run in table.runs for record in run.results.get("per_task") or []
+                   if "mask_bits" in record})
+    if not bits:
+        return None
+    per_task = " / ".join(f"{b / 8e6:.2f} MB ({b / 1e6:.2f} Mbit)" for b in bits)
+    return (f"Every sparse task stores its mask: {per_task} a task, one bit per maskable weight, whatever its "
+            "approach and density (dense fine-tuning stores none).")
 
 
 def build_tables(runs: Sequence[Run]) -> list[Table]:
@@ -285,15 +318,21 @@ def duplicate_warnings(table: Table) -> list[str]:
 
 # ---- report.md -------------------------------------------------------------------------------
 
-def markdown_table(table: Table, metric: str = "acc", bwt_metric: str = "bwt") -> str:
+def markdown_table(table: Table, metric: str = "acc", bwt_metric: str | None = "bwt") -> str:
+    """Rows x sparsity of `metric`, and a BWT column of `bwt_metric` (None: none); a row without any
+    value of `metric` is left out."""
     columns = table.columns()
-    header = ["init + growth", *map(format_percent, columns), "BWT"]
+    header = ["init + growth", *map(format_percent, columns), *(["BWT"] if bwt_metric else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows():
         cells = [table.cell(row, column, metric) for column in columns]
-        bwt = table.row_stats(row, bwt_metric)
+        if all(cell is None for cell in cells):
+            continue
         texts = ["" if cell is None else format_stats(cell) for cell in cells]
-        lines.append("| " + " | ".join([row, *texts, "" if bwt is None else format_stats(bwt, with_n=False)]) + " |")
+        if bwt_metric:
+            bwt = table.row_stats(row, bwt_metric)
+            texts.append("" if bwt is None else format_stats(bwt, with_n=False))
+        lines.append("| " + " | ".join([row, *texts]) + " |")
     return "\n".join(lines)
 
 
@@ -309,6 +348,12 @@ def table_section(table: Table, figures: list[Path]) -> str:
                   "final task-agnostic ACC (%), mean ± std over seeds (n runs with task inference); BWT (%) of the "
                   "task-agnostic matrix (tasks compete for the batches: not zero under isolation).",
                   markdown_table(table, "acc_agnostic", "bwt_agnostic")]
+    if table.has(CAPACITY):
+        parts += ["The backbone's weights used by any task after the last task (%; the capacity an approach spends, "
+                  "mean ± std over seeds): PackNet's tasks own their weights, DST, WSN and SupSup tasks may share "
+                  "theirs.", markdown_table(table, CAPACITY, None)]
+        if (note := mask_bits_note(table)) is not None:
+            parts.append(note)
     notes = settings_lines(table) + duplicate_warnings(table)
     if notes:
         parts.append("\n".join(notes))
