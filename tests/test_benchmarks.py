@@ -5,17 +5,13 @@ Timings on shared machines are noisy, so the targets themselves are not asserted
 table the benchmark prints says pass or FAIL for each.
 """
 
+import contextlib
+import io
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-from tests.suite_control import run_process
-
-ROOT = Path(__file__).resolve().parents[1]
 
 RATIOS = ("data_speedup", "step_overhead", "epoch_overhead", "eval_overhead")
 POSITIVE = ("topology_ms", "mask_bytes_per_task", "data_ours_batches_per_s", "data_baseline_batches_per_s",
@@ -27,11 +23,16 @@ TARGET_KEYS = RATIOS + ("topology_ms", "mask_bytes_per_task", "rss_growth_per_ta
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """`python -m benchmarks --quick --device cpu --json PATH`, called in this process (what the
+    command runs, without a process start): what it printed, and the figures it wrote."""
+    from benchmarks.__main__ import main
+
     out = tmp_path_factory.mktemp("bench") / "figures.json"
-    done = run_process([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout, json.loads(out.read_text())
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["--quick", "--device", "cpu", "--json", str(out)])
+    assert code == 0, stderr.getvalue()[-3000:]
+    return stdout.getvalue(), json.loads(out.read_text())
 
 
 def is_number(value) -> bool:

@@ -69,9 +69,11 @@ def test_miniimagenet_end_to_end(mini_dir, tmp_path):
     assert (mini_dir / "miniImageNet_32px.npz").is_file()
 
 
+# Machinery runs (determinism, resume, baselines): small test sets, two test batches of 16 a task
+TEST_SETS = ["--test_per_class", "16", "--test_batch_size", "16"]
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
          "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "random",
-         "--task_inference", "confidence"]  # the task-agnostic figures are compared too
+         *TEST_SETS, "--task_inference", "confidence"]  # the task-agnostic figures are compared too
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -162,7 +164,7 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
 
 MID_TASK = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
             "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
-            "--checkpoint_every", "1", "--checkpoint_minutes", "0", "--task_inference", "confidence"]
+            "--checkpoint_every", "1", "--checkpoint_minutes", "0", *TEST_SETS, "--task_inference", "confidence"]
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +245,7 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
 def test_topology_updates_are_counted_per_task_in_the_results_and_the_log(cifar_dir, tmp_path):
     """(A task with no update at all is warned about: tests/test_masking.py.)"""
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-             "--max_batches", "3", "--batch_size", "16",
+             "--max_batches", "3", "--batch_size", "16", *TEST_SETS,
              "--update_frequency", "2"]  # 6 steps a task: updates after steps 2, 4, 6
     results = run("cifar100", cifar_dir, tmp_path / "run", *flags)
     assert [record["topology_updates"] for record in results["per_task"]] == [3, 3]

@@ -13,9 +13,11 @@ from utils.errors import UserError
 
 from conftest import finished_run
 
-# A small run: two tasks of two epochs, three batches each, a topology update every 2 batches.
+# A small run: two tasks of two epochs, three batches each, a topology update every 2 batches,
+# tested on 2 x 20 images a task.
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-         "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--task_inference", "none"]
+         "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--test_per_class", "20",
+         "--task_inference", "none"]
 
 
 def read_rows(out: Path) -> list[dict]:

@@ -7,7 +7,10 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from benchmarks.gpu_check import learning_result, section_status, summarize
 from benchmarks.workload import write_standin_cifar100
@@ -17,20 +20,38 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
-def check(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable}
+def check(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **env_vars}
     return run_process(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_dry_run_writes_the_json_and_the_table(tmp_path):
-    source, subset, out = tmp_path / "cifar", tmp_path / "subset", tmp_path / "out"
-    write_standin_cifar100(source, train_per_class=20, test_per_class=10)
-    prepared = check("--prepare", "--data_dir", str(source), "--check_data", str(subset))
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The two dry runs the tests below read, at the same time (each is mostly one core's work:
+    pytest collecting the suite, imports, a tiny run; one torch thread each, so that the two do not
+    fight over the cores): "prepared" (after --prepare, whose result is "prepare") and "fresh" (no
+    gpu_check_data/, the learning run given 1 s); each with its folder."""
+    prepared_dir, fresh_dir = tmp_path_factory.mktemp("prepared"), tmp_path_factory.mktemp("fresh")
+    with ThreadPoolExecutor(max_workers=1) as other:
+        fresh = other.submit(check, "--dry", "--out", str(fresh_dir / "out"), "--check_data",
+                             str(fresh_dir / "missing"), "--limit-learning", "1", OMP_NUM_THREADS="1")
+        write_standin_cifar100(prepared_dir / "cifar", train_per_class=20, test_per_class=10)
+        prepare = check("--prepare", "--data_dir", str(prepared_dir / "cifar"), "--check_data",
+                        str(prepared_dir / "subset"))
+        prepared = check("--dry", "--out", str(prepared_dir / "out"), "--check_data", str(prepared_dir / "subset"),
+                         OMP_NUM_THREADS="1")
+        return {"prepare": (prepared_dir, prepare), "prepared": (prepared_dir, prepared),
+                "fresh": (fresh_dir, fresh.result())}
+
+
+def test_dry_run_writes_the_json_and_the_table(dry_runs):
+    tmp_path, prepared = dry_runs["prepare"]
+    subset, out = tmp_path / "subset", tmp_path / "out"
     assert prepared.returncode == 0, prepared.stderr
     with open(subset / "cifar-100-python" / "train", "rb") as f:
         assert sorted(set(pickle.load(f)["fine_labels"])) == list(range(30))
 
-    done = check("--dry", "--out", str(out), "--check_data", str(subset))
+    _, done = dry_runs["prepared"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for section in ("tests", "benchmarks", "learning"):
         assert f"== {section} (limit" in done.stdout  # progress per section
@@ -54,11 +75,11 @@ def test_dry_run_writes_the_json_and_the_table(tmp_path):
     assert "| learning | passed |" in table and "| syncs_per_step | n/a |" in table
 
 
-def test_dry_run_needs_no_preparation_and_a_timed_out_section_says_how_far_it_got(tmp_path):
+def test_dry_run_needs_no_preparation_and_a_timed_out_section_says_how_far_it_got(dry_runs):
     """From a fresh clone (no gpu_check_data/): --dry makes a stand-in itself. The learning run
     given 1 s is cut off; the report says so, and what it finished (nothing: no task)."""
+    tmp_path, done = dry_runs["fresh"]
     out = tmp_path / "out"
-    done = check("--dry", "--out", str(out), "--check_data", str(tmp_path / "missing"), "--limit-learning", "1")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "a tiny stand-in" in done.stdout and (out / "standin-check-data" / "cifar-100-python" / "train").is_file()
     report = json.loads((out / "gpu_check.json").read_text())

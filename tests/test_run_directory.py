@@ -32,6 +32,7 @@ from utils.errors import UserError
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
          "--max_batches", "2", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
          "--sparse_init", "ERK", "--checkpoint_minutes", "0",  # the task in progress saved after every epoch
+         "--test_per_class", "20",  # one test batch of 2 x 20 images a task
          "--task_inference", "none"]  # these runs test the run directory, not testing
 
 

@@ -205,8 +205,11 @@ def test_a_task_found_share_near_chance_is_called_so_and_explained():
 
 # ---- in runs -------------------------------------------------------------------------------------
 
+# Runs of the machinery: 96 training images a task (calibration reads them all), 96 test images a
+# task in two batches (64 + 32)
 TINY = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "1",
-        "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--test_batch_size", "64"]
+        "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--test_batch_size", "64",
+        "--train_per_class", "48", "--test_per_class", "48"]
 
 
 def run(data_dir: Path, out: Path, *flags: str) -> dict:
