@@ -5,7 +5,8 @@ Nothing here knows about datasets or the command line. The public API:
 - `Masking`: one task's dynamic sparse training, earlier tasks' weights frozen; each maskable
   weight's state in one `MaskedLayer`.
 - `TaskMasks`: the store of finished tasks' masks (frozen union, capacity, bit-packed files).
-- `allocate_counts` / `layer_densities`: `uniform` and `ERK` allocations.
+- `allocate_counts` / `layer_densities`: `uniform` and `ERK` allocations (and ERK to a power,
+  `auto_erk_power`).
 - `cosine_death_rate`: the prune-fraction schedule.
 - `maskable_weights`: which parameters are masked (conv and linear weights).
 - `derive_seed`: independent random streams from one seed.
@@ -15,7 +16,7 @@ Nothing here knows about datasets or the command line. The public API:
 """
 
 from sparselearning.atomic_file import write_atomically
-from sparselearning.density import SPARSE_INITS, allocate_counts, layer_densities
+from sparselearning.density import SPARSE_INITS, allocate_counts, auto_erk_power, layer_densities
 from sparselearning.masked_layer import MaskedLayer
 from sparselearning.masking import (
     DEATH_MODES,
@@ -40,6 +41,7 @@ __all__ = [
     "Masking",
     "TaskMasks",
     "allocate_counts",
+    "auto_erk_power",
     "cosine_death_rate",
     "derive_seed",
     "layer_densities",

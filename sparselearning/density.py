@@ -20,7 +20,8 @@ def _check_shapes(shapes: object) -> None:
                              f"got {shape!r}")
 
 
-def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, sparse_init: str) -> dict[str, float]:
+def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, sparse_init: str,
+                    erk_power: float = 1.0) -> dict[str, float]:
     """Per-layer densities whose weighted mean is `density`.
 
     `uniform`: every layer gets `density`.
@@ -28,16 +29,25 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, sparse_
     sum(shape) / prod(shape), so small layers (the stem, the classifier, 1x1 shortcuts)
     are denser. Layers whose density would exceed 1 are made dense, one at a time, largest
     score first, and the others are rescaled so the total stays `density`.
+    `erk_power` (ERK only; RigL's "ERK power scale"): the density is proportional to the
+    score to this power, between uniform (0, exactly `uniform`) and ERK (1, exactly `ERK`).
     """
     _check_shapes(shapes)
     density = check_real("density", density, 0, 1, low_open=True)
+    erk_power = check_real("erk_power", erk_power, 0, math.inf, high_open=True)
     if sparse_init == "uniform":
+        if erk_power != 1:
+            raise ValueError(f"erk_power scales ERK's scores: it needs sparse_init='ERK', not uniform (got {erk_power})")
         return {name: density for name in shapes}
     if sparse_init != "ERK":
         raise ValueError(f"unknown sparse_init {sparse_init!r}; choose from {SPARSE_INITS}")
+    if erk_power == 0:
+        return {name: density for name in shapes}
 
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     score = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    if erk_power != 1:
+        score = {name: value ** erk_power for name, value in score.items()}
     target = density * sum(sizes.values())
     dense: set[str] = set()
     while True:
@@ -53,11 +63,26 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, sparse_
     return {name: 1.0 if name in dense else eps * score[name] for name in shapes}
 
 
-def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float, sparse_init: str) -> dict[str, int]:
+def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float, sparse_init: str,
+                    erk_power: float = 1.0) -> dict[str, int]:
     """Exact number of active weights per layer: round(d_l * n_l), at least 1, at most n_l."""
-    densities = layer_densities(shapes, density, sparse_init)
+    densities = layer_densities(shapes, density, sparse_init, erk_power)
     counts = {}
     for name, shape in shapes.items():
         size = math.prod(shape)
         counts[name] = min(size, max(1, round(densities[name] * size)))
     return counts
+
+
+# The paper's grid ends: ERK learns better at density 0.2 (its finding 1), uniform is more reliable
+# at 0.05 (finding 2).
+AUTO_POWER_DENSITIES = (0.05, 0.2)
+
+
+def auto_erk_power(density: float) -> float:
+    """The ERK power `--erk_power auto` uses at `density`: 1 (ERK) at density >= 0.2, 0 (uniform) at
+    <= 0.05, and in between linear in log density (0.5 at 0.1), following the paper's findings that
+    ERK wins at low sparsity and uniform at high."""
+    density = check_real("density", density, 0, 1, low_open=True)
+    low, high = AUTO_POWER_DENSITIES
+    return min(1.0, max(0.0, math.log(density / low) / math.log(high / low)))

@@ -65,6 +65,7 @@ from sparselearning.selection import top_indices
 log = logging.getLogger(__name__)
 
 GROWTH_MODES = ("random", "unfired", "momentum", "gradient")
+SAMPLED_GROWTHS, SCORED_GROWTHS = GROWTH_MODES[:2], GROWTH_MODES[2:]  # draw at random / rank by scores
 DEATH_MODES = ("magnitude",)
 NEW_WEIGHTS = ("zero", "init")
 MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -77,7 +78,7 @@ _MASK_STREAM = 0x6D61736B  # names Masking's random stream (see derive_seed)
 _NEW, _TRAINING, _CONSOLIDATED = "new", "training", "consolidated"
 # What `state_dict()` records of the settings, so that `load_state_dict` refuses another schedule.
 _SETTINGS = ("density", "sparse_init", "death", "growth", "death_rate", "update_frequency", "total_steps",
-             "new_weights", "regrow_frozen")
+             "new_weights", "regrow_frozen", "erk_power", "growth_later", "turnover_stop")
 _STATE_KEYS = ("steps", "counts", *LAYER_STATE_KEYS, "momentum", "generator")
 
 
@@ -139,6 +140,17 @@ class Masking:
             weight only when fewer than k others are inactive; reuse then comes from the initial
             mask and random/unfired growth. True lets a new task regrow any frozen weight its
             gradients favour.
+        erk_power: ERK's scores to this power (`layer_densities`): 0 uniform, 1 ERK (the default).
+        growth_later: None (the default: every update grows by `growth`), or "momentum" or
+            "gradient" to mix two growths in each update: of the k weights grown, a share that
+            falls with the task along the death rate's cosine (all at its start, none at its end)
+            is grown by `growth` (which must be "random" or "unfired": exploration), the rest by
+            `growth_later` (exploitation), first.
+        turnover_stop: stop the task's topology updates after the first update that changes less
+            than this fraction of the task's mask (weights grown that were not just pruned, over
+            the mask's size); 0 (the default) never stops. Turnover falls as the death rate
+            decays and as growth starts to regrow what it pruned: the updates left would
+            change little and cost a dense-gradient step each.
         seed: seeds every random draw of this object (initial mask, random growth) through
             `derive_seed`, so it may equal the seed of the weight initialization. None (the
             default) draws one from torch's global generator: reproducible after
@@ -160,6 +172,9 @@ class Masking:
         frozen: Mapping[str, torch.Tensor] | None = None,
         new_weights: str = "zero",
         regrow_frozen: bool = False,
+        erk_power: float = 1.0,
+        growth_later: str | None = None,
+        turnover_stop: float = 0.0,
         seed: int | None = None,
     ) -> None:
         _check_choice("sparse_init", sparse_init, SPARSE_INITS)
@@ -171,6 +186,15 @@ class Masking:
         update_frequency = check_int("update_frequency", update_frequency, minimum=0)
         total_steps = check_int("total_steps", total_steps, minimum=1)
         check_bool("regrow_frozen", regrow_frozen)
+        erk_power = check_real("erk_power", erk_power, 0, math.inf, high_open=True)
+        if erk_power != 1 and sparse_init != "ERK":
+            raise ValueError(f"erk_power scales ERK's scores: it needs sparse_init='ERK', not {sparse_init!r}")
+        if growth_later is not None:
+            _check_choice("growth_later", growth_later, SCORED_GROWTHS)
+            if growth not in SAMPLED_GROWTHS:
+                raise ValueError(f"growth_later mixes an exploring growth ({' or '.join(SAMPLED_GROWTHS)}) with "
+                                 f"{growth_later}: growth must be one of them, not {growth!r}")
+        turnover_stop = check_real("turnover_stop", turnover_stop, 0, 1, high_open=True)
         if seed is not None:
             seed = check_int("seed", seed, minimum=0)
         if frozen is not None:
@@ -185,6 +209,12 @@ class Masking:
         self.total_steps = total_steps
         self.new_weights = new_weights
         self.regrow_frozen = regrow_frozen
+        self.erk_power = erk_power
+        self.growth_later = growth_later
+        self.turnover_stop = turnover_stop
+        self.scored_growth = growth_later or (growth if growth in SCORED_GROWTHS else None)  # ranks by scores
+        self.settled = False  # turnover_stop: an update changed too little, no more in this task
+        self.last_turnover: float | None = None  # with turnover_stop: the last update's
         self.seed = int(torch.randint(2**62, ())) if seed is None else seed
         self._frozen_arg = frozen
         self.steps = 0
@@ -226,7 +256,8 @@ class Masking:
                         self.update_frequency, self.total_steps)
         device = next(iter(params.values())).device
         self.generator = torch.Generator(device=device).manual_seed(derive_seed(self.seed, _MASK_STREAM))
-        counts = allocate_counts({n: p.shape for n, p in params.items()}, self.density, self.sparse_init)
+        counts = allocate_counts({n: p.shape for n, p in params.items()}, self.density, self.sparse_init,
+                                 self.erk_power)
 
         first_task = not any(bool(f.any()) for f in frozen.values())
         self.layers = {}
@@ -237,7 +268,7 @@ class Masking:
                 # a later task's model holds consolidated weights: pick the new ones' start
                 layer.start(indices, None if first_task else self._new_weight_values(p), self.optimizer)
                 self.layers[name] = layer
-            if self.growth == "momentum":
+            if self.scored_growth == "momentum":
                 averages = 2 if "betas" in self.optimizer.param_groups[0] else 1
                 for layer in self.layers.values():
                     layer.momentum = [torch.zeros_like(layer.param) for _ in range(averages)]
@@ -294,7 +325,7 @@ class Masking:
                              "model.parameters()")
         groups = self.optimizer.param_groups
         self._decays_weights = any(g.get("weight_decay", 0) != 0 for g in groups)
-        if self.growth == "momentum":
+        if self.scored_growth == "momentum":
             kinds = {(tuple(g["betas"]) if "betas" in g else g.get("momentum", 0)) for g in groups}
             if len(kinds) != 1 or kinds == {0}:
                 raise ValueError("momentum growth needs one Adam betas or one nonzero SGD momentum for all groups")
@@ -325,11 +356,11 @@ class Masking:
         """
         if not self._training:
             raise self._order_error("step()")
-        due = self.update_frequency > 0 and (self.steps + 1) % self.update_frequency == 0
+        due = self.update_frequency > 0 and (self.steps + 1) % self.update_frequency == 0 and not self.settled
         layers = [layer for layer in self.layers.values() if layer.param.grad is not None]
-        if self.growth == "momentum":
+        if self.scored_growth == "momentum" and not self.settled:  # a settled task grows nothing more
             self._track_momentum(layers)
-        if due and self.growth == "gradient":
+        if due and self.scored_growth == "gradient":
             for layer in layers:
                 layer.dense_grad = layer.param.grad.abs()
         if layers:  # one fused multiply over all layers on CUDA (see MaskedLayer.grad_mask)
@@ -374,27 +405,62 @@ class Masking:
         - momentum, gradient: the largest `growth_scores` among the inactive weights; frozen
           weights rank below all others unless `regrow_frozen`.
 
+        With `growth_later`, k - e of them by `growth_later` first and then e by `growth`, where
+        e = round(s * k) and s = `exploration_share` falls from 1 to 0 over the task. With
+        `turnover_stop`, the task's last update is the first that changes less than that share of
+        its mask.
+
         Dense layers (ERK can make small layers dense) have nothing to exchange.
         """
         if not self._training:
             raise self._order_error("update_topology()")
         rate = self.death_rate_at(self.steps)
+        share = self.exploration_share(self.steps)
+        changed = []
         with torch.no_grad():
             for name, layer in self.layers.items():
                 k = math.ceil(rate * layer.count)
                 if layer.count == layer.param.numel() or k == 0:
                     continue
                 slots, pruned = layer.prune(k)
-                if self.growth == "random":
-                    grown = layer.random_inactive(k, self.generator)
-                elif self.growth == "unfired":
-                    grown = layer.unfired_first(k, self.generator)
+                if self.growth_later is None:
+                    grown = self._grown(self.growth, name, k)
+                    layer.grow(slots, pruned, grown, self.optimizer)
                 else:
-                    grown = layer.top_inactive(self.growth_scores(name), k, frozen_last=not self.regrow_frozen)
-                layer.grow(slots, pruned, grown, self.optimizer)
+                    explore = round(share * k)
+                    late = self._grown(self.growth_later, name, k - explore)
+                    layer.grow(slots[explore:], pruned, late, self.optimizer)
+                    layer.fired_count = int(layer.fired.sum())  # scored growth may fire never-fired weights
+                    early = self._grown(self.growth, name, explore)
+                    layer.grow(slots[:explore], pruned[:0], early, self.optimizer)
+                    grown = torch.cat([late, early])
+                if self.turnover_stop:
+                    changed.append(k - torch.isin(grown, pruned).sum())
         for layer in self.layers.values():
             layer.dense_grad = None
         self.topology_updates += 1
+        if changed:
+            self.last_turnover = float(sum(changed)) / sum(layer.count for layer in self.layers.values())
+            if self.last_turnover < self.turnover_stop:
+                self.settled = True
+                log.info("topology settled after %d updates (turnover %.4f < %g): no more updates in this task",
+                         self.topology_updates, self.last_turnover, self.turnover_stop)
+
+    def _grown(self, growth: str, name: str, k: int) -> torch.Tensor:
+        """k flat indices of layer `name`'s inactive weights chosen by `growth`."""
+        layer = self.layers[name]
+        if growth == "random":
+            return layer.random_inactive(k, self.generator)
+        if growth == "unfired":
+            return layer.unfired_first(k, self.generator)
+        return layer.top_inactive(self.growth_scores(name), k, frozen_last=not self.regrow_frozen)
+
+    def exploration_share(self, step: int) -> float:
+        """With `growth_later`: the share of an update's growth done by `growth` at `step`, the
+        death rate's cosine from 1 at the task's start to 0 at its end; 1 without it."""
+        if self.growth_later is None:
+            return 1.0
+        return cosine_death_rate(step, self.total_steps, 1.0, 0.0)
 
     def growth_scores(self, name: str) -> torch.Tensor:
         """Scores for growing weights into layer `name` (momentum and gradient growth only):
@@ -409,9 +475,9 @@ class Masking:
             raise self._order_error("growth_scores()")
         if name not in self.layers:
             raise ValueError(f"growth_scores: no masked layer {name!r}; the layers are {some(self.layers)}")
-        if self.growth == "momentum":
+        if self.scored_growth == "momentum":
             return self.layers[name].momentum_scores()
-        if self.growth == "gradient":
+        if self.scored_growth == "gradient":
             return self.layers[name].gradient_scores()
         raise ValueError(f"{self.growth} growth samples weights directly: it has no growth scores")
 
@@ -480,6 +546,7 @@ class Masking:
             **{key: {name: part[key] for name, part in parts.items()} for key in LAYER_STATE_KEYS},
             "momentum": {name: part["momentum"] for name, part in parts.items() if part["momentum"]},
             "generator": self.generator.get_state(),
+            "settled": self.settled,
             "settings": self._settings(),
         }
 
@@ -501,6 +568,7 @@ class Masking:
             part = {key: state[key][name] for key in LAYER_STATE_KEYS}
             layer.load_state_dict({**part, "momentum": state["momentum"].get(name, [])}, self.optimizer)
         self._restore_generator(state["generator"])
+        self.settled = state.get("settled", False)  # absent from checkpoints of earlier versions
 
     def _check_state(self, state: Any) -> None:
         """Refuse (ValueError) a state that is not this Masking's: not a `state_dict()`, of

@@ -17,8 +17,11 @@ import io
 import json
 import pickle
 import shutil
+import signal
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,6 +43,31 @@ def finished_run(benchmark: str, data_dir: Path, out: Path, *flags: str) -> dict
     argv = ["--data_dir", str(data_dir), "--no-download", "--device", "cpu", "--output_dir", str(out), *flags]
     assert main(benchmark, argv) == 0
     return json.loads((out / run_dir.RESULTS_FILE).read_text())
+
+
+def stop_at_step(monkeypatch: pytest.MonkeyPatch, cls: type, n: int) -> Callable[..., None]:
+    """Make the n-th call of `cls.step` from now send SIGTERM to this process first: the run stops
+    (exit code 3) after that step, as a stop request has it. Returns the real `step`, to put back."""
+    real_step, calls = cls.step, []
+
+    def step(self: Any) -> None:
+        calls.append(1)
+        if len(calls) == n:
+            send_to_this_process(signal.SIGTERM)
+        real_step(self)
+
+    monkeypatch.setattr(cls, "step", step)
+    return real_step
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: several intra-op threads only slow them down on a busy CPU. A module asks for
+    it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run_once(tmp_path_factory: pytest.TempPathFactory, name: str, data_dir: Path, *flags: str) -> tuple[Path, dict]:

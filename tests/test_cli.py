@@ -62,6 +62,9 @@ DEFAULTS: dict[str, object] = {
     "lock_stale_minutes": 10.0,
     "approach": "dst",
     "prune_after": None,
+    "erk_power": 1.0,
+    "growth_later": None,
+    "turnover_stop": 0.0,
     "train_per_class": None,
 }
 
@@ -307,7 +310,7 @@ def test_malformed_flags_are_one_line_user_errors(argv: list[str]) -> None:
 
 
 FLOAT_FLAGS = ["--lr", "--momentum", "--l2", "--density", "--death_rate", "--checkpoint_minutes",
-               "--lock_stale_minutes"]
+               "--lock_stale_minutes", "--erk_power", "--turnover_stop"]
 
 
 def test_every_float_flag_is_checked_for_finiteness() -> None:

@@ -93,3 +93,30 @@ def test_no_grid_runs_is_one_line_and_exit_2(tmp_path, capsys):
     fake_run(tmp_path / "dense", 30.0, sparse=False)
     assert findings.main([str(tmp_path)]) == 2
     assert "no complete isolated dynamic-sparse runs" in capsys.readouterr().err
+
+
+def plant_policy(root, name, flags, effect, noise=1.0, seeds=3):
+    """Adaptive-DST runs beside `plant`'s grid: ACC = 50 + effect(density) + the same noise's scale."""
+    rng = np.random.default_rng(1)
+    for density in DENSITIES:
+        for seed in range(seeds):
+            fake_run(root / name / f"ERK_momentum_d{density}_s{seed}", float(50 + effect(density) + rng.normal(0, noise)),
+                     sparse_init="ERK", growth="momentum", density=density, seed=seed, **flags)
+
+
+def test_adaptive_policies_against_the_best_fixed_setting_give_the_planted_verdicts(tmp_path):
+    # the grid: momentum 4 points above the others everywhere, so the best fixed cell is "ERK or uniform + momentum"
+    plant(tmp_path, lambda init, d: 0.0, lambda init, d, growth: 4.0 if growth == "momentum" else 0.0, noise=0.3)
+    plant_policy(tmp_path, "power", {"erk_power": "auto"}, lambda d: {0.2: 9.0, 0.1: 4.0, 0.05: -1.0}[d], noise=0.3)
+    plant_policy(tmp_path, "stop", {"turnover_stop": 0.05}, lambda d: 4.0, noise=3.0)
+    result = only(findings.analyze(findings.find_runs(tmp_path)))
+    assert result["runs"] == 72  # the policies' runs stay out of the paper's findings
+    verdicts = {(row["policy"], row["sparsity"]): row["verdict"] for row in result["policies"]}
+    assert verdicts == {("ERK^auto + momentum", 80.0): "better", ("ERK^auto + momentum", 90.0): NOT_RESOLVED,
+                        ("ERK^auto + momentum", 95.0): "worse", ("ERK + momentum, stop < 0.05", 80.0): NOT_RESOLVED,
+                        ("ERK + momentum, stop < 0.05", 90.0): NOT_RESOLVED,
+                        ("ERK + momentum, stop < 0.05", 95.0): NOT_RESOLVED}
+    row = result["policies"][0]
+    assert row["best_fixed"].endswith("+ momentum") and row["difference"]["n"] == 3
+    assert findings.main([str(tmp_path)]) == 0
+    assert "| ERK^auto + momentum | 80 % |" in (tmp_path / "findings.md").read_text()

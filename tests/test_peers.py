@@ -1,18 +1,17 @@
 """The peer approaches (WSN, PackNet, SupSup) in runs: each learns every task of a real-data run
 on the ResNet-18 with zero forgetting and exact mask sizes, and a run stopped in the middle of a
-task resumes to the uninterrupted run's results, bit for bit. Their own rules: tests/test_wsn.py,
-tests/test_supsup.py, tests/test_packnet.py."""
+task resumes to the uninterrupted run's results, bit for bit. Their own rules:
+tests/test_supermasks.py (WSN, SupSup), tests/test_packnet.py."""
 
 import csv
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
 
 from sparselearning import TaskMasks, allocate_counts
-from tests.conftest import finished_run, send_to_this_process, write_fake_cifar
+from tests.conftest import finished_run, stop_at_step, write_fake_cifar
 from utils import run_dir
 from utils.approaches import APPROACHES
 from utils.entry import main
@@ -90,16 +89,8 @@ def computed(out):
 def test_a_peer_run_stopped_mid_task_resumes_bit_identically(approach, small_data, tmp_path, monkeypatch, capsys):
     reference = tmp_path / "reference"
     assert main("cifar100", argv(small_data, reference, approach)) == 0
-    cls, steps = APPROACHES[approach], []
-    real_step = cls.step
-
-    def step(self):
-        steps.append(1)
-        if len(steps) == STOP_AT:
-            send_to_this_process(signal.SIGTERM)
-        real_step(self)
-
-    monkeypatch.setattr(cls, "step", step)
+    cls = APPROACHES[approach]
+    real_step = stop_at_step(monkeypatch, cls, STOP_AT)
     out = tmp_path / "run"
     assert main("cifar100", argv(small_data, out, approach)) == 3
     assert "stopped by SIGTERM in task 2, epoch 3, batch 2" in capsys.readouterr().err

@@ -301,3 +301,19 @@ def test_a_bad_flag_is_one_line_and_exit_2(tmp_path, capsys):
     assert report.main([str(tmp_path), "--figures-please"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--figures-please" in err and "usage" not in err
+
+
+def test_adaptive_dst_runs_get_rows_of_their_own_between_the_grid_and_the_baselines(runs_dir):
+    fake_run(runs_dir / "power" / "a", 61.0, growth="momentum", erk_power="auto")
+    fake_run(runs_dir / "mix" / "a", 62.0, growth="unfired", growth_later="momentum")
+    fake_run(runs_dir / "stop" / "a", 63.0, growth="momentum", turnover_stop=0.05, erk_power=0.5)
+    fake_run(runs_dir / "plain" / "a", 64.0, growth="momentum", erk_power=1.0, growth_later=None, turnover_stop=0.0)
+    rows = [row[0] for row in markdown_tables(run_report(runs_dir, "--no-figures"))["cifar100, 3 tasks x 10 classes"][1:]]
+    assert rows == ["ERK + random", "ERK + momentum", "ERK + gradient", "uniform + random", "uniform + gradient",
+                    "adaptive: ERK + unfired→momentum", "adaptive: ERK^0.5 + momentum, stop < 0.05",
+                    "adaptive: ERK^auto + momentum", "static sparse: ERK", "static sparse: uniform",
+                    "sparse fine-tuning: ERK + random", "dense fine-tuning"]
+    with open(runs_dir / "report.csv", newline="") as f:
+        settings = {Path(row["run"]).relative_to(runs_dir).as_posix(): (row["erk_power"], row["growth_later"],
+                                                                        row["turnover_stop"]) for row in csv.DictReader(f)}
+    assert settings["power/a"] == ("auto", "", "") and settings["mix/a"] == ("", "momentum", "")

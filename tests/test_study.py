@@ -16,16 +16,16 @@ def test_the_tiny_study_runs_grid_baselines_report_figures_and_findings_then_ski
     first = capfd.readouterr().out
     report = (out / "report.md").read_text()
     for row in ("ERK + random", "uniform + random", "static sparse: ERK", "static sparse: uniform",
-                "sparse fine-tuning: ERK + random", "dense fine-tuning", "WSN: uniform"):
+                "sparse fine-tuning: ERK + random", "dense fine-tuning", "WSN: uniform", "adaptive: ERK + random→momentum"):
         assert f"| {row} |" in report, row
-    assert "7 runs found: 7 complete" in report
+    assert "8 runs found: 8 complete" in report
     assert "The backbone's weights used by any task after the last task" in report
     assert "one bit per maskable weight" in report
     assert (out / "figures" / "cifar100_2tasks_x2_acc_vs_sparsity.png").is_file() or "No figures" in report
     findings = (out / "findings.md").read_text()
     assert "## cifar100, 2 tasks x 2 classes (2 grid runs)" in findings and "Task id hidden" in findings
     record = json.loads((out / "study.json").read_text())
-    assert record["preset"] == "tiny" and record["complete"] and len(record["sweeps"]) == 5
+    assert record["preset"] == "tiny" and record["complete"] and len(record["sweeps"]) == 6
     assert record["torch"] and record["machine"] and record["commit"]
     for run in (out / "cifar100_2tasks").glob("*/*_s0"):
         config = json.loads((run / "config.json").read_text())
@@ -34,12 +34,12 @@ def test_the_tiny_study_runs_grid_baselines_report_figures_and_findings_then_ski
 
     assert study.main(args) == 0  # again: everything complete is skipped
     second = capfd.readouterr().out
-    assert "start" not in second and second.count("skipped (already complete)") == 5
+    assert "start" not in second and second.count("skipped (already complete)") == 6
     assert "0 succeeded, 0 failed, 2 skipped" in second
     assert json.loads((out / "study.json").read_text())["wall_seconds"] >= record["wall_seconds"]
 
 
-@pytest.mark.parametrize("preset,runs", [("cpu", 72 + 18 + 9 + 3 + 27), ("paper", 4 * (72 + 18 + 18 + 3 + 27))])
+@pytest.mark.parametrize("preset,runs", [("cpu", 72 + 18 + 9 + 3 + 27 + 27), ("paper", 4 * (72 + 18 + 18 + 3 + 27 + 27))])
 def test_dry_run_lists_every_run_and_estimates_from_measured_costs(preset, runs, tmp_path, capfd, monkeypatch):
     measured = []
 

@@ -26,6 +26,7 @@ import torch
 from data import CLASS_ORDER_MODES, DATASET_STATS
 from models import MODELS
 from sparselearning import DEATH_MODES, GROWTH_MODES, NEW_WEIGHTS, SPARSE_INITS
+from sparselearning.masking import SAMPLED_GROWTHS, SCORED_GROWTHS
 from utils.approaches import APPROACHES
 from utils.epoch_metrics import tensorboard_available
 from utils.errors import UserError
@@ -134,6 +135,9 @@ class Config:
     lock_stale_minutes: float = 10.0
     approach: str = "dst"
     prune_after: int | None = None
+    erk_power: float | str = 1.0
+    growth_later: str | None = None
+    turnover_stop: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (paths become strings), in field order."""
@@ -193,6 +197,11 @@ def _finite_float(value: str) -> float:
     return number
 
 
+def _power(value: str) -> float | str:
+    """An argparse ``type`` for --erk_power: ``auto`` or a finite number."""
+    return "auto" if value.lower() == "auto" else _finite_float(value)
+
+
 def _path(value: str) -> Path:
     """An argparse ``type`` for paths: refuses the empty string (which Path would read as '.')."""
     if not value:
@@ -243,6 +252,7 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     _add_data_flags(parser.add_argument_group("benchmark and task split"), benchmark)
     _add_training_flags(parser.add_argument_group("model and training"), benchmark)
     _add_sparse_flags(parser.add_argument_group("dynamic sparse training"))
+    _add_adaptive_flags(parser.add_argument_group("adaptive dynamic sparse training (beyond the paper; see the README)"))
     _add_run_flags(parser.add_argument_group("run"), benchmark)
     _add_speed_flags(parser.add_argument_group(
         "speed (GPU)", "On CUDA the data sets live on the GPU, always; input batches are channels_last "
@@ -349,6 +359,19 @@ def _add_sparse_flags(sparse: argparse._ArgumentGroup) -> None:
                         help="let momentum and gradient growth rank earlier tasks' (frozen) weights by their "
                         "real gradients too (default: off, as the authors: frozen weights rank last, so "
                         "only the initial mask and random/unfired growth reuse them)")
+
+
+def _add_adaptive_flags(adaptive: argparse._ArgumentGroup) -> None:
+    adaptive.add_argument("--erk_power", type=_power, default=1.0,
+                          help="--sparse_init ERK: layer densities proportional to ERK's scores to this power "
+                          "(0 = uniform, 1 = ERK, the default), or auto: 1 at --density >= 0.2, 0 at <= 0.05, "
+                          "linear in log density between")
+    adaptive.add_argument("--growth_later", choices=SCORED_GROWTHS, default=None,
+                          help="mix two growths in each update: a share falling from all to none over the task "
+                          "(the death rate's cosine) grows by --growth (random or unfired), the rest by this one")
+    adaptive.add_argument("--turnover_stop", type=_finite_float, default=0.0,
+                          help="stop a task's topology updates after the first that changes less than this "
+                          "fraction of its mask, in [0, 1); 0 = never (the default)")
 
 
 def _add_run_flags(run: argparse._ArgumentGroup, benchmark: str) -> None:
@@ -526,6 +549,7 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
                  f"--approach packnet trains, prunes after --prune_after epochs, then retrains: it needs --epochs >= 2 "
                  f"and 1 <= --prune_after < --epochs (got {args.prune_after} of {args.epochs}; default: two thirds "
                  "of the epochs)")
+    _validate_adaptive(args)
     _require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one")
     _require(not (args.cudnn_benchmark and args.deterministic),
              "--cudnn_benchmark picks cuDNN's algorithms by timing them, so runs do not repeat bit for bit as "
@@ -533,6 +557,32 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
     _require(not args.tensorboard or tensorboard_available(),
              "--tensorboard needs the optional tensorboard package: pip install tensorboard "
              "(or pip install -r requirements-figures.txt)")
+
+
+def _validate_adaptive(args: argparse.Namespace) -> None:
+    """The adaptive-DST flags: each is DST's, and needs what it adapts."""
+    used = [flag for flag, on in (("--erk_power", args.erk_power != 1.0), ("--growth_later", args.growth_later),
+                                  ("--turnover_stop", args.turnover_stop != 0)) if on]
+    for flag in used:
+        _require(args.sparse and args.approach == "dst",
+                 f"{flag} adapts dynamic sparse training: it needs --sparse and --approach dst")
+    _require(args.erk_power == "auto" or args.erk_power >= 0, f"--erk_power must be >= 0 or auto, got {args.erk_power}")
+    _require(args.erk_power == 1.0 or args.sparse_init == "ERK",
+             f"--erk_power scales ERK's layer densities: it needs --sparse_init ERK, not {args.sparse_init}")
+    _require(args.growth_later is None or args.growth in SAMPLED_GROWTHS,
+             f"--growth_later {args.growth_later} takes over from an exploring growth: --growth must be "
+             f"{' or '.join(SAMPLED_GROWTHS)}, not {args.growth}")
+    _require(0 <= args.turnover_stop < 1, f"--turnover_stop must be in [0, 1), got {args.turnover_stop}")
+    _require(not used or args.update_frequency > 0 or used == ["--erk_power"],
+             f"{' and '.join(used)} adapt the topology updates: they need --update_frequency > 0")
+
+
+def _adaptive_suffix(args: argparse.Namespace) -> str:
+    """What the adaptive flags add to a run's default directory name, e.g. ``_powauto_thenmomentum``."""
+    parts = [f"pow{args.erk_power}" if args.erk_power != 1.0 else "",
+             f"then{args.growth_later}" if args.growth_later else "",
+             f"stop{args.turnover_stop:g}" if args.turnover_stop else ""]
+    return "".join(f"_{part}" for part in parts if part)
 
 
 def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
@@ -549,7 +599,7 @@ def parse_config(argv: Sequence[str] | None, benchmark: str) -> Config:
     output_dir = args.output_dir
     if output_dir is None:
         name = run_name(args.dataset, args.num_tasks, args.sparse, args.sparse_init,
-                        args.growth, args.density, args.seed, isolate, args.approach)
+                        args.growth, args.density, args.seed, isolate, args.approach) + _adaptive_suffix(args)
         output_dir = Path("runs") / name
     device = _validate_device(_default_device() if args.device is None else args.device)
     if args.compile:

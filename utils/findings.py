@@ -25,7 +25,9 @@ scale", never rounded towards the paper.
 
 Beyond the paper: each cell's task-agnostic ACC and the accuracy of finding the task (runs made
 with `--task_inference`), and the capacity figure behind finding 1: per task, the fraction of
-the backbone's weights the task reuses from earlier tasks, adds new, and leaves free.
+the backbone's weights the task reuses from earlier tasks, adds new, and leaves free. And adaptive
+DST's policies (`--erk_power`, `--growth_later`, `--turnover_stop`) against the best fixed init x
+growth at each sparsity, paired by seed: "better", "worse" or "not resolved at this scale".
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ from typing import Any
 
 from utils.cli import OneLineParser
 from utils.errors import UserError
-from utils.report import Run, find_runs, format_percent, sparsity_percent, table_row
+from utils.report import ADAPTIVE, GRID, Run, adaptive_label, find_runs, format_percent, sparsity_percent, table_row
 from utils.run_dir import write_text
 
 AGREES, DISAGREES, NOT_RESOLVED, NOT_TESTED = "agrees", "disagrees", "not resolved at this scale", "not tested"
+BETTER, WORSE = "better", "worse"  # an adaptive policy against the best fixed setting
 LOW_SPARSITY = (80.0,)  # finding 1: ERK better
 HIGH_SPARSITY = (90.0, 95.0)  # finding 2: uniform better
 CONFIDENCE = 0.95
@@ -110,11 +113,12 @@ def mean_interval(differences: Sequence[float], confidence: float = CONFIDENCE) 
 
 # ---- the runs --------------------------------------------------------------------------------
 
-def grid_runs(runs: Sequence[Run]) -> dict[tuple[str, int, int], list[Run]]:
-    """The complete isolated dynamic-sparse runs (the grid), by benchmark."""
+def grid_runs(runs: Sequence[Run], kind: float = GRID) -> dict[tuple[str, int, int], list[Run]]:
+    """The complete isolated dynamic-sparse runs of the paper's grid (or, with `kind` ADAPTIVE,
+    of adaptive DST's policies), by benchmark."""
     found: dict[tuple[str, int, int], list[Run]] = defaultdict(list)
     for run in runs:
-        if run.status == "complete" and table_row(run.config)[0][0] == 0:
+        if run.status == "complete" and table_row(run.config)[0][0] == kind:
             found[run.benchmark].append(run)
     return dict(found)
 
@@ -246,6 +250,33 @@ def capacity_cells(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def policy_comparison(grid: Sequence[Run], adaptive: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per adaptive policy (a report row) and sparsity: its final ACC minus that of the best fixed
+    init x growth at that sparsity (the grid cell with the highest mean), paired by seed, with a
+    95 % t interval and a verdict: better or worse when the interval excludes 0, else not resolved.
+    The best cell is picked on the same seeds, which favours it a little (its mean is the largest
+    of eight noisy means)."""
+    fixed = acc_by(grid, "sparse_init", "growth")
+    policies: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
+    for run in adaptive:
+        policies[(adaptive_label(run.config), sparsity_percent(run.config))][run.config["seed"]] = run.results["acc"]
+    rows = []
+    for (label, sparsity), seeds in sorted(policies.items(), key=lambda item: (item[0][1], item[0][0])):
+        cells = {(init, growth): v for (sp, init, growth), v in fixed.items() if sp == sparsity}
+        if not cells:
+            continue
+        best = max(cells, key=lambda cell: statistics.fmean(cells[cell].values()))
+        differences = paired(seeds, cells[best])
+        if not differences:
+            continue
+        interval = mean_interval(differences)
+        verdict = {1: BETTER, -1: WORSE, 0: NOT_RESOLVED}[interval.sign]
+        rows.append({"policy": label, "sparsity": sparsity, "acc": summary(list(seeds.values())),
+                     "best_fixed": " + ".join(best), "best_fixed_acc": summary(list(cells[best].values())),
+                     "difference": asdict(interval), "verdict": verdict})
+    return rows
+
+
 def summary(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values)}
@@ -253,9 +284,9 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 
 # ---- all of it -------------------------------------------------------------------------------
 
-def analyze_benchmark(runs: Sequence[Run]) -> dict[str, Any]:
+def analyze_benchmark(runs: Sequence[Run], adaptive: Sequence[Run] = ()) -> dict[str, Any]:
     """The three findings' comparisons and verdicts, and the figures beyond the paper, for the
-    grid runs of one benchmark."""
+    grid runs of one benchmark; adaptive DST's runs against the best fixed settings."""
     inits = init_comparison(runs)
     cells = growth_cells(runs)
     verdict3, evidence3 = growth_verdict(cells)
@@ -267,13 +298,15 @@ def analyze_benchmark(runs: Sequence[Run]) -> dict[str, Any]:
         "growth_cells": [{**asdict(cell), "clear_best": cell.clear_best} for cell in cells],
         "agnostic": agnostic_cells(runs),
         "capacity": capacity_cells(runs),
+        "policies": policy_comparison(runs, adaptive),
         "runs": len(runs),
     }
 
 
 def analyze(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     """`analyze_benchmark` for every benchmark with grid runs, keyed by its title."""
-    return {benchmark_title_of(benchmark): analyze_benchmark(members)
+    adaptive = grid_runs(runs, ADAPTIVE)
+    return {benchmark_title_of(benchmark): analyze_benchmark(members, adaptive.get(benchmark, []))
             for benchmark, members in sorted(grid_runs(runs).items())}
 
 
@@ -315,6 +348,15 @@ def format_markdown(findings: dict[str, dict[str, Any]]) -> str:
                 found = row["task_found_last_row"]
                 parts.append(f"| {row['init']} + {row['growth']} | {format_percent(row['sparsity'])} | {row['method']} | "
                              f"{format_summary(row['acc_agnostic'])} | {format_summary(found) if found else 'n/a'} |")
+        if f.get("policies"):
+            parts += ["", "Adaptive DST (beyond the paper) against the best fixed init + growth at each sparsity, "
+                      "paired by seed:", "",
+                      "| policy | sparsity | ACC | best fixed | its ACC | difference | verdict |",
+                      "|---|---:|---:|---|---:|---:|---|"]
+            for row in f["policies"]:
+                parts.append(f"| {row['policy']} | {format_percent(row['sparsity'])} | {format_summary(row['acc'])} | "
+                             f"{row['best_fixed']} | {format_summary(row['best_fixed_acc'])} | "
+                             f"{Interval(**row['difference']).text()} | **{row['verdict']}** |")
         if f["capacity"]:
             parts += ["", "Backbone capacity per task, % of weights, mean over growths and seeds "
                       "(reused from earlier tasks / new / free after the task):", ""]

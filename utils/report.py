@@ -74,10 +74,12 @@ SHOWN_SETTINGS = ("epochs", "update_frequency", "max_batches", "task_inference",
 # Settings that may differ between the runs of one table: the table's own axes, settings that
 # do not change results (those --resume accepts changed), and the data's fingerprint (recorded
 # with the config; it changes with the seed: miniImageNet's test split, a random class order).
+ADAPTIVE_SETTINGS = ("erk_power", "growth_later", "turnover_stop")  # adaptive DST's flags (a row of their own)
 TABLE_AXES = ("dataset", "num_tasks", "num_classes_per_task", "num_classes", "sparse", "isolate", "sparse_init",
-              "growth", "density", "seed", "approach", *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
+              "growth", "density", "seed", "approach", *ADAPTIVE_SETTINGS, *RESULT_NEUTRAL_SETTINGS, FINGERPRINT)
 CSV_SETTINGS = ("dataset", "num_tasks", "num_classes_per_task", "approach", "sparse", "isolate", "sparse_init",
-                "growth", "density", "update_frequency", "epochs", "seed")
+                "growth", "density", "update_frequency", "epochs", "seed", *ADAPTIVE_SETTINGS)
+GRID, ADAPTIVE = 0, 0.5  # the sort keys' first entries of the paper's grid rows and of adaptive DST's
 CSV_METRICS = ("acc", "bwt", "fwt", "fwt_above_chance", "forgetting", "acc_agnostic", "bwt_agnostic")
 
 
@@ -155,9 +157,20 @@ def _order(value: str, known: Sequence[str]) -> tuple[int, str]:
     return (known.index(value), "") if value in known else (len(known), str(value))
 
 
+def adaptive_label(config: dict[str, Any]) -> str | None:
+    """The words adaptive DST's flags add to a row's label (e.g. "ERK^auto", "unfired→momentum",
+    "stop < 0.05"), or None for a run without them."""
+    power, later, stop = (config.get(key) for key in ADAPTIVE_SETTINGS)  # absent from earlier versions' configs
+    if power in (None, 1, 1.0) and not later and not stop:
+        return None
+    init = config.get("sparse_init", "?") + ("" if power in (None, 1, 1.0) else f"^{power}")
+    growth = config.get("growth", "?") + (f"→{later}" if later else "")
+    return f"{init} + {growth}" + (f", stop < {stop:g}" if stop else "")
+
+
 def table_row(config: dict[str, Any]) -> tuple[tuple, str]:
-    """(sort key, label) of the table row a run belongs to: its init x growth, its approach and
-    init, or its baseline."""
+    """(sort key, label) of the table row a run belongs to: its init x growth, adaptive DST's
+    policies, its approach and init, or its baseline."""
     init, growth = config.get("sparse_init", "?"), config.get("growth", "?")
     static = config.get("update_frequency") == 0
     approach = config.get("approach", "dst")  # absent from the configs of earlier versions: DST's
@@ -171,7 +184,9 @@ def table_row(config: dict[str, Any]) -> tuple[tuple, str]:
         return (3, _order(init, INIT_ORDER), _order(how, GROWTH_ORDER)), f"sparse fine-tuning: {init} + {how}"
     if static:
         return (2, _order(init, INIT_ORDER)), f"static sparse: {init}"
-    return (0, _order(init, INIT_ORDER), _order(growth, GROWTH_ORDER)), f"{init} + {growth}"
+    if (adaptive := adaptive_label(config)) is not None:
+        return (ADAPTIVE, adaptive), f"adaptive: {adaptive}"
+    return (GRID, _order(init, INIT_ORDER), _order(growth, GROWTH_ORDER)), f"{init} + {growth}"
 
 
 def sparsity_percent(config: dict[str, Any]) -> float:
@@ -541,7 +556,7 @@ def mean_stack(stacks: Sequence[list[tuple[float, ...]]]) -> list[list[float]]:
 
 def plot_capacity(plt, table: Table, path: Path) -> bool:
     """Stacked bars per init x sparsity; False (nothing written) without isolated sparse runs."""
-    runs = [run for run in table.runs if table_row(run.config)[0][0] == 0]
+    runs = [run for run in table.runs if table_row(run.config)[0][0] == GRID]
     stacks: dict[tuple[str, float], list] = defaultdict(list)
     for run in runs:
         stack = capacity_stack(run.results.get("per_task", []))

@@ -2,7 +2,7 @@
 
     python -m utils.study PRESET [--out DIR] [--data_dir DIR] [--device D] [-j N] [--dry-run]
 
-    python -m utils.study cpu --data_dir ../shared/data     # the 3-hour CPU study (results/cpu-study)
+    python -m utils.study cpu --data_dir ../shared/data     # the CPU study (results/cpu-study)
     python -m utils.study paper --dry-run                   # what the paper's grids would cost here
 
 A study is one or more benchmarks (an entry script with its flags), each run as four sweeps of
@@ -14,6 +14,8 @@ A study is one or more benchmarks (an entry script with its flags), each run as 
 - `dense/`: dense fine-tuning (`--no-sparse`) per seed;
 - `<approach>/`: each other approach of the study (`--approach`: WSN, PackNet, SupSup) at the
   grid's densities with its init, per seed;
+- `adaptive-<policy>/`: each adaptive-DST policy of the study (`--erk_power auto`,
+  `--growth_later`, `--turnover_stop`) at the grid's densities, per seed;
 
 then `python -m utils.report` and `python -m utils.findings` on `<out>` (report.md, report.csv,
 figures/, findings.md, findings.json). Run the same command again and it continues where it
@@ -83,6 +85,15 @@ class Study:
     # layer (uniform), PackNet prunes every layer by the same fraction (uniform), SupSup's layer
     # allocation (er_sparsity) is close to ERK.
     peers: tuple[tuple[str, str], ...] = (("wsn", "uniform"), ("packnet", "uniform"), ("supsup", "ERK"))
+    # Adaptive DST's policies: (name, init, growth, flags), each on ERK + momentum (or unfired, which
+    # hands over to momentum), the strongest fixed setting of the cpu study's first runs, so that a
+    # policy is compared with what it modifies. The turnover threshold 0.1 ends a task's updates after
+    # its 4th or 5th of 6 in the cpu preset (the death rate is 0.17 at the 4th, 0.07 at the 5th).
+    adaptive: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+        ("power", "ERK", "momentum", ("--erk_power", "auto")),
+        ("mix", "ERK", "unfired", ("--growth_later", "momentum")),
+        ("stop", "ERK", "momentum", ("--turnover_stop", "0.1")),
+    )
     jobs: int = 1
 
 
@@ -97,16 +108,16 @@ PRESETS: dict[str, Study] = {study.name: study for study in (
                      _cifar(2, 2, "--epochs", "1", "--train_per_class", "8", "--test_per_class", "4",
                                 "--batch_size", "8", "--update_frequency", "1", "--task_inference", "calibrated")),),
           densities=("0.2",), growths=("random",), seeds=("0",), finetune_inits=("ERK",), peers=(("wsn", "uniform"),),
-          jobs=2),
+          adaptive=(("mix", "ERK", "random", ("--growth_later", "momentum")),), jobs=2),
     # The cpu preset's scale, chosen by measurement on a 2-core VM: a run (10 tasks, 40 training and
     # 20 test images a class, 2 epochs of batches of 32: 26 steps a task, a topology update every 4,
     # so 6 a task; calibrated task inference) takes 108 s alone with 2 threads, 91 s a run when two
     # run at once with one thread each, and learns well above chance (ACC 33-36 %, chance 10 %):
     # the paper's 102 runs in about 2.5 hours, inside the 3 hours asked for; the 27 runs of the other
-    # approaches come on top.
+    # approaches and the 27 of adaptive DST come on top.
     Study("cpu", "the paper's 10-task CIFAR-100 split on the bundled subset (40 training and 20 test images a "
-                 "class, 2 epochs): every grid cell x 3 seeds, the baselines and the other approaches, about 3 "
-                 "hours on 2 CPU cores",
+                 "class, 2 epochs): every grid cell x 3 seeds, the baselines, the other approaches and adaptive "
+                 "DST, about 5 hours on 2 CPU cores",
           (Benchmark("cifar100_10tasks", "cifar100.py",
                      _cifar(10, 10, "--epochs", "2", "--train_per_class", "40", "--test_per_class", "20",
                                 "--batch_size", "32", "--update_frequency", "4", "--task_inference", "calibrated")),),
@@ -168,6 +179,10 @@ def sweeps(study: Study, out: Path, extra: Sequence[str]) -> list[Sweep]:
                          ("--densities", densities, "--inits", init, "--growths", "random", "--seeds", seeds),
                          bench.script, (*flags, "--approach", approach))
                    for approach, init in study.peers]
+        result += [Sweep(f"adaptive-{name}", folder / f"adaptive-{name}",
+                         ("--densities", densities, "--inits", init, "--growths", growth, "--seeds", seeds),
+                         bench.script, (*flags, *policy))
+                   for name, init, growth, policy in study.adaptive]
     return result
 
 

@@ -4,8 +4,9 @@
 weights of earlier tasks frozen, its topology updated every `--update_frequency` steps (prune by
 magnitude, regrow by `--growth`). Two of the paper's baselines are DST with a flag:
 static sparse training (`--update_frequency 0`: the initial mask is kept) and sparse fine-tuning
-(`--no-isolate`: nothing is frozen, so later tasks overwrite earlier ones). `Dense` is dense
-fine-tuning (`--no-sparse`): the whole network trains on every task.
+(`--no-isolate`: nothing is frozen, so later tasks overwrite earlier ones). Its adaptive variants
+are DST with a flag too (`--erk_power`, `--growth_later`, `--turnover_stop`: see `Masking`).
+`Dense` is dense fine-tuning (`--no-sparse`): the whole network trains on every task.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
-from sparselearning import Masking
+from sparselearning import Masking, auto_erk_power
 from utils.approaches.base import Approach, Mask
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ class DST(Approach):
             self.optimizer, density=config.density, sparse_init=config.sparse_init, death=config.death,
             growth=config.growth, death_rate=config.death_rate, update_frequency=config.update_frequency,
             total_steps=total_steps, frozen=frozen, new_weights=config.new_weights,
-            regrow_frozen=config.regrow_frozen, seed=seed,
+            regrow_frozen=config.regrow_frozen, erk_power=erk_power(config), growth_later=config.growth_later,
+            turnover_stop=config.turnover_stop, seed=seed,
         )
         self.masking.add_module(model)
 
@@ -45,13 +47,21 @@ class DST(Approach):
         self.masking.step()  # the optimizer's step, restricted to the task's trainable weights
 
     def finish(self) -> tuple[Mask, dict[str, Any]]:
-        return self.masking.consolidate(), capacity_record(self.masking)
+        record = capacity_record(self.masking)
+        if self.masking.erk_power != 1:
+            record["erk_power"] = self.masking.erk_power  # --erk_power auto: the power it chose
+        return self.masking.consolidate(), record
 
     def state_dict(self) -> dict[str, Any]:
         return self.masking.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.masking.load_state_dict(state)
+
+
+def erk_power(config: Config) -> float:
+    """The ERK power of the run's tasks: `--erk_power`, with `auto` resolved from `--density`."""
+    return auto_erk_power(config.density) if config.erk_power == "auto" else config.erk_power
 
 
 def capacity_record(masking: Masking) -> dict[str, Any]:
