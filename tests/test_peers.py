@@ -98,6 +98,7 @@ def test_a_peer_run_stopped_mid_task_resumes_bit_identically(approach, small_dat
     assert main("cifar100", [*argv(small_data, out, approach), "--resume"]) == 0
     (expected, expected_rows, expected_weights), (got, rows, weights) = computed(reference), computed(out)
     assert got == expected and rows == expected_rows
+    assert all(0 < task["train_flops_fraction"] < 1 for task in got["per_task"])  # counted across the stop too
     assert all(torch.equal(weights[name], expected_weights[name]) for name in expected_weights)
 
 

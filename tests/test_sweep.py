@@ -252,8 +252,11 @@ def test_the_report_tables_the_sweep(swept, tmp_path, capsys):
     assert report.main([str(out), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("| ")]
-    # the task-aware table, the task-agnostic one (tiny_flags: --task_inference), the backbone used
-    assert len(tables) == 3
+    # the task-aware table, the task-agnostic one (tiny_flags: --task_inference), the backbone used, the FLOPs
+    assert len(tables) == 4
+    for line, growth in zip(tables[3][2:], ("random", "unfired")):
+        train = [100 * results(out / f"ERK_{growth}_d{d}_s0")["train_flops_fraction"] for d in ("0.2", "0.1")]
+        assert line.startswith(f"| ERK + {growth} | {train[0]:.1f} / ") and f"| {train[1]:.1f} / " in line
     for line, growth in zip(tables[2][2:], ("random", "unfired")):
         used = [100 * results(out / f"ERK_{growth}_d{d}_s0")["per_task"][-1]["capacity_used"] for d in ("0.2", "0.1")]
         assert line == f"| ERK + {growth} | {used[0]:.2f} (n=1) | {used[1]:.2f} (n=1) |"

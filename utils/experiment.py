@@ -298,6 +298,7 @@ class Experiment:
             **(summarize(acc[:done, :done], self.config.num_classes_per_task) if done
                else dict.fromkeys(METRIC_KEYS)),
             **self.agnostic_results(),
+            "train_flops_fraction": train_flops_fraction(self.records),
             "per_task": self.records,
             "environment": environment(self.accel.device),
         }
@@ -343,6 +344,16 @@ def final_agnostic_summary(results: dict[str, Any]) -> str:
     found = results["task_id_accuracy"]
     return (f"task-agnostic ACC {results['acc_agnostic']:.2f} % ({method}; last row: "
             f"{found_note(found[-1], len(found))})")
+
+
+def train_flops_fraction(records: list[dict[str, Any]]) -> float | None:
+    """The run's training FLOPs as a fraction of dense training's on the same images: the tasks'
+    `train_flops` summed over their `train_flops_dense` summed. None when no task is done or a task's
+    cost is not known (counted from a checkpoint of an earlier version)."""
+    pairs = [(record.get("train_flops"), record.get("train_flops_dense")) for record in records]
+    if not pairs or any(flops is None or dense is None for flops, dense in pairs):
+        return None
+    return sum(flops for flops, _ in pairs) / sum(dense for _, dense in pairs)
 
 
 def capacity_summary(record: dict[str, Any]) -> str:

@@ -19,7 +19,10 @@ Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS
     mean ± std over all of the row's runs. A second table of the same layout: the backbone's
     weights the row's runs use after the last task (%, any task's), which is what a sparse
     approach spends; every sparse run also stores one mask bit per maskable weight and task
-    (said below the table). Below each table: the settings its runs share, and a
+    (said below the table). Runs that count FLOPs (every run of this version) get a table of the
+    same layout: the training FLOPs and the inference FLOPs per image, both in % of dense (mean over
+    the row's runs; per run: all tasks' training FLOPs over dense training's, and the mean over
+    tasks of each task's network). Below each table: the settings its runs share, and a
     warning when they differ in a setting the table does not show (the cells would mix them).
     Runs that also tested with the task id hidden (``--task_inference``) get a second table of the
     same layout: the task-agnostic final ACC and the BWT of the task-agnostic matrix.
@@ -42,6 +45,8 @@ Reads every ``results.json`` below RUNS_DIR and writes into --out (default: RUNS
     ``<benchmark>_capacity.png``: the backbone after each task, stacked: weights reused by the
     task from earlier tasks / new in the task / used only by earlier tasks / still free; one panel
     per init x sparsity, mean over growths and seeds (isolated dynamic-sparse runs).
+    ``<benchmark>_acc_vs_train_flops.png``: ACC against the training FLOPs (fraction of dense
+    training, log scale), a line per table row through its sparsities (runs that count FLOPs).
 
 Every file is written atomically (a temporary name in the same folder, then renamed).
 """
@@ -251,8 +256,27 @@ CAPACITY = "capacity_used_percent"
 """The metric of the capacity table: the backbone's weights any task uses after the last task (%)."""
 
 
+TRAIN_FLOPS, INFERENCE_FLOPS = "train_flops_percent", "inference_flops_percent"
+"""The metrics of the FLOPs table (% of dense): the run's training FLOPs, all tasks, over dense
+training's on the same images; the mean over tasks of a task's network's inference FLOPs."""
+
+
+def flops_fractions(per_task: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """(training FLOPs, all tasks, over dense training's; mean inference fraction over the tasks),
+    each None where a task's record lacks it (runs of earlier versions)."""
+    pairs = [(task.get("train_flops"), task.get("train_flops_dense")) for task in per_task]
+    train = (None if not pairs or any(flops is None or dense is None for flops, dense in pairs)
+             else sum(flops for flops, _ in pairs) / sum(dense for _, dense in pairs))
+    inference = [task.get("inference_flops_fraction") for task in per_task]
+    return train, None if not inference or None in inference else statistics.fmean(inference)
+
+
 def run_metric(run: Run, metric: str) -> float | None:
-    """A run's `metric`: a key of its results.json, or `CAPACITY` (None for a dense run)."""
+    """A run's `metric`: a key of its results.json, `CAPACITY` (None for a dense run), `TRAIN_FLOPS`
+    or `INFERENCE_FLOPS`."""
+    if metric in (TRAIN_FLOPS, INFERENCE_FLOPS):
+        fraction = flops_fractions(run.results.get("per_task") or [])[metric == INFERENCE_FLOPS]
+        return None if fraction is None else 100 * fraction
     if metric == CAPACITY:
         per_task = run.results.get("per_task") or []
         used = per_task[-1].get("capacity_used") if per_task else None
@@ -351,6 +375,23 @@ def markdown_table(table: Table, metric: str = "acc", bwt_metric: str | None = "
     return "\n".join(lines)
 
 
+def flops_table(table: Table) -> str:
+    """Rows x sparsity of the training and inference FLOPs (% of dense), "train / inference", means
+    over the cell's runs; a row without FLOPs is left out."""
+    columns = table.columns()
+    header = ["init + growth", *map(format_percent, columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.rows():
+        cells = [(table.cell(row, column, TRAIN_FLOPS), table.cell(row, column, INFERENCE_FLOPS))
+                 for column in columns]
+        if all(train is None for train, _ in cells):
+            continue
+        texts = ["" if train is None or inference is None else f"{train.mean:.1f} / {inference.mean:.1f}"
+                 for train, inference in cells]
+        lines.append("| " + " | ".join([row, *texts]) + " |")
+    return "\n".join(lines)
+
+
 def table_section(table: Table, figures: list[Path]) -> str:
     parts = [f"## {benchmark_title(table)}",
              "Final ACC (%) after the last task: mean ± std over seeds (n runs); sparsity = 1 - density. "
@@ -369,6 +410,10 @@ def table_section(table: Table, figures: list[Path]) -> str:
                   "theirs.", markdown_table(table, CAPACITY, None)]
         if (note := mask_bits_note(table)) is not None:
             parts.append(note)
+    if table.has(TRAIN_FLOPS):
+        parts += ["Training FLOPs / inference FLOPs per image, % of dense (mean over the runs): all tasks' training "
+                  "over dense training on the same images, and the mean over tasks of each task's network; counted "
+                  "from the masks as RigL counts them (conv and linear layers only).", flops_table(table)]
     notes = settings_lines(table) + duplicate_warnings(table)
     if notes:
         parts.append("\n".join(notes))
@@ -419,6 +464,9 @@ def csv_row(run: Run) -> dict[str, Any]:
     row["task_found"] = (results.get("task_id_accuracy") or [""])[-1]
     per_task = results.get("per_task") or []
     row["capacity_used"] = per_task[-1].get("capacity_used", "") if per_task else ""
+    train, inference = flops_fractions(per_task)
+    row["train_flops_fraction"], row["inference_flops_fraction"] = ("" if train is None else train,
+                                                                     "" if inference is None else inference)
     seconds = [task["train_seconds"] for task in per_task if "train_seconds" in task]
     row["task_seconds"] = sum(seconds) / len(seconds) if seconds else ""
     row["run"] = str(run.directory)
@@ -439,7 +487,7 @@ def computed_fwt_above_chance(results: dict[str, Any]) -> float | str:
 
 def to_csv(runs: Sequence[Run]) -> str:
     fields = ["status", *CSV_SETTINGS, "table_row", "sparsity_percent", *CSV_METRICS, "task_inference", "task_found",
-              "capacity_used",
+              "capacity_used", "train_flops_fraction", "inference_flops_fraction",
               "task_seconds", "run"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
@@ -594,6 +642,30 @@ def plot_capacity(plt, table: Table, path: Path) -> bool:
     return True
 
 
+def plot_acc_vs_train_flops(plt, table: Table, path: Path) -> bool:
+    """The final ACC against the training FLOPs (fraction of dense training, log scale), a line per
+    table row through its sparsities (± std of the ACC); False (nothing written) without FLOPs."""
+    if not table.has(TRAIN_FLOPS):
+        return False
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    for row in table.rows():
+        points = [(flops.mean / 100, acc) for column in table.columns()
+                  if (flops := table.cell(row, column, TRAIN_FLOPS)) is not None
+                  and (acc := table.cell(row, column, "acc")) is not None]
+        if points:
+            points.sort(key=lambda point: point[0])
+            axes.errorbar([x for x, _ in points], [acc.mean for _, acc in points],
+                          yerr=[acc.std or 0.0 for _, acc in points], marker="o", capsize=3, label=row,
+                          **line_style(row))
+    axes.set_xscale("log")
+    axes.set(xlabel="training FLOPs (fraction of dense training, all tasks)", ylabel="final ACC (%)",
+             title=f"{benchmark_title(table)}: ACC vs training FLOPs")
+    axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    axes.grid(alpha=0.3, which="both")
+    save_figure(plt, figure, path)
+    return True
+
+
 def write_figures(plt, root: Path, out: Path, runs: Sequence[Run], tables: Sequence[Table]) -> dict:
     """All figures; returns benchmark -> its figures' paths relative to ``out``."""
     figures_dir = out / "figures"
@@ -613,6 +685,8 @@ def write_figures(plt, root: Path, out: Path, runs: Sequence[Run], tables: Seque
             plot_acc_vs_sparsity(plt, table, paths[-1], "acc_agnostic")
         if plot_capacity(plt, table, figures_dir / f"{slug}_capacity.png"):
             paths.append(figures_dir / f"{slug}_capacity.png")
+        if plot_acc_vs_train_flops(plt, table, figures_dir / f"{slug}_acc_vs_train_flops.png"):
+            paths.append(figures_dir / f"{slug}_acc_vs_train_flops.png")
         made[table.benchmark] = [path.relative_to(out) for path in paths]
     return made
 

@@ -153,6 +153,8 @@ class TaskTraining:
     # ... and plain values: epochs finished, the kept epoch and its copy (see `state_dict`), the
     # finished epochs' rows of metrics.csv (`utils.epoch_metrics`).
     VALUES = ("epochs_done", "best_acc", "best_epoch", "kept", "epoch_rows")
+    # ... and the approach's training cost so far, "train_cost" (`Approach.count_step`; not in the
+    # approach's own state, which the kept epoch also copies: the cost counts every epoch).
 
     def __init__(self, model: nn.Module, task: Task, frozen: dict[str, torch.Tensor] | None, config: Config,
                  accel: Acceleration, carried: Any = None) -> None:
@@ -163,6 +165,7 @@ class TaskTraining:
         self.approach: Approach = approach_class(config)(
             model, frozen, config, total_steps=config.epochs * batches_per_epoch(self.loader, config),
             seed=derive_seed(config.seed, MASK_STREAM, task.index), carried=carried)
+        self.approach.measure(tuple(task.train.images.shape[1:]))  # the layers' MACs for the task's images
         self.optimizer = self.approach.optimizer
         self.scheduler = self.approach.make_scheduler(config.epochs)
         self.epochs_done = 0
@@ -224,6 +227,7 @@ class TaskTraining:
         }
         mask, extra = self.approach.finish()
         record.update(extra)
+        record.update(self.approach.cost_record(mask))  # FLOPs of training (all epochs) and of the network
         if mask is not None:
             record["topology_updates"] = updates
             record["mask_bits"] = sum(m.numel() for m in mask.values())  # stored bit-packed: one a maskable weight
@@ -241,6 +245,7 @@ class TaskTraining:
             part = getattr(self, name)
             state[name] = part.state_dict() if part is not None else None
         state |= {name: getattr(self, name) for name in self.VALUES}
+        state["train_cost"] = {"macs": self.approach.train_macs, "images": self.approach.train_images}
         kept_is_current = (self.kept is not None and self.best_epoch == self.epochs_done - 1
                            and self.epoch_progress is None)
         return state | {"kept": None if kept_is_current else self.kept, "kept_is_current": kept_is_current}
@@ -257,6 +262,11 @@ class TaskTraining:
         for name in self.VALUES:
             if name in state:  # epoch_rows: absent from checkpoints of earlier versions
                 setattr(self, name, state[name])
+        cost = state.get("train_cost")  # absent from checkpoints of earlier versions, which did not count
+        if cost is not None:
+            self.approach.train_macs, self.approach.train_images = cost["macs"], cost["images"]
+        elif self.epochs_done or self.epoch_progress is not None:
+            self.approach.train_macs = None  # steps were trained uncounted: the training cost is not known
         if state.get("kept_is_current"):
             self.kept = self._snapshot()
         restore_global_rng_state(state, self.accel.device,
@@ -287,6 +297,7 @@ def train_epoch(training: TaskTraining, epoch: int, stop: StopRequest | None = N
         training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         training.approach.step()  # the optimizer's step, as the approach restricts it
+        training.approach.count_step(len(y))  # its training FLOPs
         correct = (predictions(logits.detach(), task.classes, config.eval) == y).sum()
         progress.add(batch, loss.detach(), correct, len(y))
         if stop is not None and stop.requested and progress.batches_done < total:  # else: end the epoch

@@ -6,9 +6,11 @@ run directory are shared. One `Approach` object serves one task, built fresh whe
 starts. The loop calls it in this order:
 
     approach = Cls(model, frozen, config, total_steps, seed, carried)   # the task starts
+    approach.measure(input_shape)             # the layers' MACs for the task's images (one image's shape)
     for every batch:
         logits = approach.forward(x)          # the network the task trains
         loss.backward(); approach.step()      # the update (instead of optimizer.step())
+        approach.count_step(len(x))           # the step's training cost (`step_macs`)
     approach.keepable()                       # after every epoch: may the loop keep this one?
     approach.end_epoch(epochs_done)           # then the approach's own work (PackNet prunes)
     mask, record = approach.finish()          # the task's network and what the log reports
@@ -26,6 +28,17 @@ Weights inside an earlier task's mask must not change afterwards: that is what m
 optimizer (`self.optimizer`, built by the approach because some approaches train more than the
 model's weights) and the LR schedule are saved by the loop.
 
+Training cost. `count_step` adds, after every step, the batch's images times `step_macs()`, the
+per-image MACs of the step just taken, counted as RigL counts them (`sparselearning.flops`): a
+forward pass f_S, where f_S is the MACs of the network the task trains, and a backward pass of
+2 f_S (the activations' gradients and the weights'); a step that needs the dense weight gradient
+(growth by gradient or momentum, scores of every weight) costs f_S + f_S + f_D instead, f_D the
+dense network's. The base class counts dense training, 3 f_D; each approach overrides only
+`step_macs`. The counters (`train_macs`, `train_images`) are not in `state_dict()`: that is also
+what the kept epoch copies and restores, and the cost counts every step trained, every epoch. The
+loop saves them with its own state (`TaskTraining.state_dict`), so a resumed task counts exactly
+what an uninterrupted one does. `cost_record(mask)` gives the task record's FLOPs entries.
+
 A new approach: one module in this package with a subclass of `Approach` (a `name`, a docstring
 saying what it is and where it differs from its paper), and its class added to `APPROACHES` in
 `utils/approaches/__init__.py`; `--approach NAME` then runs it.
@@ -33,11 +46,14 @@ saying what it is and where it differs from its paper), and its class added to `
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
+
+from sparselearning import maskable_weights
+from sparselearning.flops import FLOPS_PER_MAC, layer_macs, network_macs, sparse_macs
 
 if TYPE_CHECKING:
     from utils.cli import Config
@@ -78,6 +94,9 @@ class Approach:
                  carried: Any = None) -> None:
         self.model, self.frozen, self.config, self.total_steps, self.seed = model, frozen, config, total_steps, seed
         self.optimizer = make_optimizer(config, self.trained_parameters())
+        self.layer_macs: dict[str, int] | None = None  # per image, by maskable weight (`measure`)
+        self.train_macs: int | None = 0  # MACs of the steps trained so far, all epochs (None: not known)
+        self.train_images = 0  # the images those steps trained on
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """What the task's optimizer trains (called once, by `__init__`): the model's parameters."""
@@ -101,6 +120,54 @@ class Approach:
     def step(self) -> None:
         """The update after `loss.backward()`."""
         self.optimizer.step()
+
+    def measure(self, input_shape: Sequence[int]) -> None:
+        """The dense MACs per image of every maskable weight (`sparselearning.flops.layer_macs`) for
+        inputs of `input_shape` (one image: channels, height, width); once, before `count_step`."""
+        self.layer_macs = layer_macs(self.model, input_shape)
+        self._numels = {name: p.numel() for name, p in maskable_weights(self.model).items()}
+
+    @property
+    def dense_macs(self) -> int:
+        """f_D: the dense network's MACs per image."""
+        return network_macs(self._measured())
+
+    def network_macs(self, counts: Mapping[str, int]) -> int:
+        """The MACs per image of a network with `counts[name]` active weights in each layer (ints:
+        no device synchronisation)."""
+        return sparse_macs(self._measured(), counts, self._numels)
+
+    def _measured(self) -> dict[str, int]:
+        if self.layer_macs is None:
+            raise RuntimeError("the approach's layers are not measured: call measure(input_shape) first")
+        return self.layer_macs
+
+    def step_macs(self) -> int:
+        """The per-image MACs of the training step just taken (asked after `step()`), forward and
+        backward: dense training, 3 f_D."""
+        return 3 * self.dense_macs
+
+    def count_step(self, images: int) -> None:
+        """Count the step just taken on a batch of `images` images (the loop calls it after `step()`)."""
+        if self.train_macs is not None:
+            self.train_macs += images * self.step_macs()
+        self.train_images += images
+
+    def cost_record(self, mask: Mask | None) -> dict[str, Any]:
+        """The task record's FLOPs entries (FLOPs = 2 x MACs): `train_flops`, the training steps'
+        (all epochs); `train_flops_dense`, what dense training (3 f_D per image) would have cost on
+        the same images; their ratio `train_flops_fraction`; `inference_flops`, per image, of the
+        network `mask` gives (None: the whole model), and its share of the dense network's.
+        The training entries are None when not known (a task resumed from a checkpoint of an
+        earlier version, which did not count)."""
+        dense, inference = self.dense_macs, network_macs(self._measured(), mask)
+        train_dense = 3 * dense * self.train_images
+        known = self.train_macs is not None and train_dense > 0
+        return {"train_flops": FLOPS_PER_MAC * self.train_macs if known else None,
+                "train_flops_dense": FLOPS_PER_MAC * train_dense if known else None,
+                "train_flops_fraction": self.train_macs / train_dense if known else None,
+                "inference_flops": FLOPS_PER_MAC * inference,
+                "inference_flops_fraction": inference / dense}
 
     def keepable(self) -> bool:
         """Whether the epoch just ended may be the one the task keeps (`--keep`); asked before `end_epoch`."""

@@ -38,13 +38,28 @@ class DST(Approach):
             turnover_stop=config.turnover_stop, seed=seed,
         )
         self.masking.add_module(model)
+        self.updated = False  # the last step ended with a topology update
 
     @property
     def topology_updates(self) -> int:
         return self.masking.topology_updates
 
     def step(self) -> None:
+        updates = self.masking.topology_updates
         self.masking.step()  # the optimizer's step, restricted to the task's trainable weights
+        self.updated = self.masking.topology_updates != updates  # the step ended with a topology update
+
+    def step_macs(self) -> int:
+        """3 f_S, f_S the task's mask (its per-layer counts are constant during a task), or 2 f_S + f_D
+        where the step needed the dense weight gradient: every step of momentum growth (its running
+        averages) while the topology may change, and the steps of gradient growth that end with a
+        topology update. Static sparse training (`--update_frequency 0`) grows nothing: 3 f_S."""
+        masking = self.masking
+        sparse = self.network_macs(masking.counts)
+        scored = masking.scored_growth  # the growth that ranks by scores, if any
+        changing = masking.update_frequency > 0 and not masking.settled
+        dense_gradient = (scored == "momentum" and changing) or (scored in ("momentum", "gradient") and self.updated)
+        return 2 * sparse + (self.dense_macs if dense_gradient else sparse)
 
     def finish(self) -> tuple[Mask, dict[str, Any]]:
         record = capacity_record(self.masking)

@@ -75,6 +75,11 @@ class PackNet(Approach):
     def step(self) -> None:
         self.masking.step()
 
+    def step_macs(self) -> int:
+        """3 f_S of the task's network: before pruning every weight (dense, 3 f_D), afterwards the
+        earlier tasks' weights plus the task's kept ones."""
+        return 3 * self.network_macs(self.masking.counts)
+
     def end_epoch(self, epochs_done: int) -> None:
         if epochs_done == prune_after(self.config.epochs, self.config.prune_after):
             self.masking.restrict(self.kept_mask())

@@ -29,7 +29,7 @@ import torch.nn as nn
 from sparselearning import allocate_counts, maskable_weights
 from sparselearning.supermask import SupermaskScores, masked_forward
 from utils.approaches.base import Approach, Mask
-from utils.approaches.wsn import capacity_of, owned_by_earlier_tasks
+from utils.approaches.wsn import capacity_of, owned_by_earlier_tasks, scored_mask_step_macs
 
 if TYPE_CHECKING:
     from utils.cli import Config
@@ -66,6 +66,9 @@ class SupSup(Approach):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         masks = self.scores.training_masks()
         return masked_forward(self.model, x, {name: p.detach() * masks[name] for name, p in self.params.items()})
+
+    def step_macs(self) -> int:
+        return scored_mask_step_macs(self, self.scores.counts)
 
     def finish(self) -> tuple[Mask, dict[str, Any]]:
         mask = self.scores.masks()

@@ -35,6 +35,13 @@ if TYPE_CHECKING:
     from utils.cli import Config
 
 
+def scored_mask_step_macs(approach: Approach, counts: dict[str, int]) -> int:
+    """The per-image MACs of a training step of a mask chosen by scores (WSN, SupSup): the forward
+    pass and the activations' gradients through the mask (f_S each, `counts` its per-layer sizes);
+    every score gets a gradient, which needs the dense weight gradient (f_D): 2 f_S + f_D."""
+    return 2 * approach.network_macs(counts) + approach.dense_macs
+
+
 def owned_by_earlier_tasks(params: dict[str, nn.Parameter], frozen: Mask | None) -> Mask:
     """`frozen` on the weights' device, with an all-False mask for every weight it lacks (or all, when None)."""
     return {name: (frozen[name].to(p.device) if frozen is not None and name in frozen
@@ -86,6 +93,9 @@ class WSN(Approach):
         with torch.no_grad():  # and exactly: weight decay or momentum cannot move an earlier task's weight
             for name, p in self.params.items():
                 torch.where(self.owned[name], self.stored[name], p, out=p)
+
+    def step_macs(self) -> int:
+        return scored_mask_step_macs(self, self.scores.counts)
 
     def finish(self) -> tuple[Mask, dict[str, Any]]:
         mask = self.scores.masks()
