@@ -23,7 +23,7 @@ def test_the_adaptive_policies_learn_every_task_on_resnet18_and_forget_nothing(c
     out = tmp_path / "run"
     results = finished_run("cifar100", cifar_dir, out, *POLICIES, "--density", "0.1", "--num_tasks", "3",
                            "--num_classes", "15", "--num_classes_per_task", "5", "--task_inference", "none",
-                           "--epochs", "2", "--max_batches", "8")
+                           "--epochs", "2", "--max_batches", "8", "--test_per_class", "50")
     acc = np.array(results["acc_matrix"], dtype=float)
     for j in range(3):
         assert np.all(acc[j:, j] == acc[j, j]), acc  # BWT = 0, exactly
@@ -40,8 +40,8 @@ def test_the_adaptive_policies_learn_every_task_on_resnet18_and_forget_nothing(c
     assert "topology settled after" in (out / run_dir.LOG_FILE).read_text()
 
 
-STOP_AT = 9 + 2 * 3 + 2  # task 2, epoch 3, batch 2 (9 steps a task)
-# An update every step, and a threshold that ends the updates before the stop (at the 5th or 6th).
+STOP_AT = 6 + 2 * 2 + 1  # task 2, epoch 3, batch 1 of 2 (6 steps a task)
+# An update every step, and a threshold that ends the updates before the stop (at the 3rd or 4th of 6).
 RESUMED = [*POLICIES[:-3], "0.2", "--update_frequency", "1"]
 
 
@@ -51,7 +51,7 @@ def test_an_adaptive_run_stopped_mid_task_resumes_bit_identically(tmp_path, monk
     def argv(out):
         return ["--data_dir", str(small_data), "--no-download", "--device", "cpu", "--output_dir", str(out),
                 "--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
-                "--max_batches", "3", "--batch_size", "16", "--density", "0.1", "--test_per_class", "20",
+                "--max_batches", "2", "--batch_size", "16", "--density", "0.1", "--test_per_class", "20",
                 "--task_inference", "none", "--checkpoint_minutes", "1000", *RESUMED]
 
     reference = tmp_path / "reference"
@@ -59,13 +59,13 @@ def test_an_adaptive_run_stopped_mid_task_resumes_bit_identically(tmp_path, monk
     real_step = stop_at_step(monkeypatch, DST, STOP_AT)
     out = tmp_path / "run"
     assert main("cifar100", argv(out)) == 3
-    assert "stopped by SIGTERM in task 2, epoch 3, batch 2" in capsys.readouterr().err
+    assert "stopped by SIGTERM in task 2, epoch 3, batch 1" in capsys.readouterr().err
     monkeypatch.setattr(DST, "step", real_step)
     assert main("cifar100", [*argv(out), "--resume"]) == 0
     (expected, expected_rows, expected_weights), (got, rows, weights) = computed(reference), computed(out)
     assert got == expected and rows == expected_rows
     assert all(torch.equal(weights[name], expected_weights[name]) for name in expected_weights)
-    assert [r["topology_updates"] for r in got["per_task"]] != [9, 9]  # the stop took effect before the resume
+    assert [r["topology_updates"] for r in got["per_task"]] != [6, 6]  # the stop took effect before the resume
 
 
 @pytest.mark.parametrize("flags, words", [
