@@ -148,7 +148,7 @@ def random_split(images: int, size: int) -> Split:
 def task_training(config: Config, accel: Acceleration, task: Task) -> TaskTraining:
     """The first task in training on a fresh ResNet-18, as `utils.train.train_task` builds it."""
     torch.manual_seed(config.seed)
-    model = accel.prepare(build_model(config.net_name, config.num_classes).to(accel.device))
+    model = accel.prepare(build_model(config.net_name, config.num_classes, config.net_width).to(accel.device))
     return TaskTraining(model, task, None, config, accel)
 
 

@@ -88,7 +88,7 @@ class Workload:
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
-        return self.accel.prepare(build_model(self.config.net_name, self.config.num_classes).to(self.device))
+        return self.accel.prepare(build_model(self.config.net_name, self.config.num_classes, self.config.net_width).to(self.device))
 
     def optimizer(self, model: nn.Module, **changes) -> torch.optim.Optimizer:
         """The training loop's optimizer (fused Adam), with config fields changed as given."""

@@ -1,4 +1,4 @@
-"""Backbones. `build_model(name, num_classes)` is the one way the training loop makes a network."""
+"""Backbones. `build_model(name, num_classes, width)` is the one way the training loop makes a network."""
 
 import torch.nn as nn
 
@@ -7,8 +7,11 @@ from models.resnet import ResNet18
 MODELS = {"resnet18": ResNet18}
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """The backbone called `name` with a classifier over `num_classes` classes."""
+def build_model(name: str, num_classes: int, width: int = 64) -> nn.Module:
+    """The backbone called `name` with a classifier over `num_classes` classes; `width` channels in
+    its first stage (64: the paper's network)."""
     if name not in MODELS:
         raise ValueError(f"unknown network {name!r}; choose from {sorted(MODELS)}")
-    return MODELS[name](num_classes)
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    return MODELS[name](num_classes, width=width)

@@ -37,6 +37,12 @@ NO_GPU = "no CUDA device here (torch.cuda.is_available() is False): the CUDA cas
 CUDA_CASE = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)]
 
 
+# The narrowest ResNet-18 (8 channels in its first stage): for tests of machinery (saving, resuming,
+# bookkeeping), which need the backbone's layers and shapes but not its capacity; tests of learning
+# train the paper's width.
+SMALL_NET = ("--net_width", "8")
+
+
 def finished_run(benchmark: str, data_dir: Path, out: Path, *flags: str) -> dict:
     """A run of `benchmark` on the CPU from `data_dir` into `out` with `flags`, which must succeed;
     its results.json."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparselearning import TaskMasks, allocate_counts
-from tests.conftest import finished_run, stop_at_step, write_fake_cifar
+from tests.conftest import SMALL_NET, finished_run, stop_at_step, write_fake_cifar
 from tests.test_peers import computed
 from utils import run_dir
 from utils.approaches.dst import DST
@@ -52,7 +52,7 @@ def test_an_adaptive_run_stopped_mid_task_resumes_bit_identically(tmp_path, monk
         return ["--data_dir", str(small_data), "--no-download", "--device", "cpu", "--output_dir", str(out),
                 "--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
                 "--max_batches", "2", "--batch_size", "16", "--density", "0.1", "--test_per_class", "20",
-                "--task_inference", "none", "--checkpoint_minutes", "1000", *RESUMED]
+                "--task_inference", "none", "--checkpoint_minutes", "1000", *SMALL_NET, *RESUMED]
 
     reference = tmp_path / "reference"
     assert main("cifar100", argv(reference)) == 0

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, object] = {
     "num_classes": 100,
     "num_classes_per_task": 10,
     "net_name": "resnet18",
+    "net_width": 64,
     "optimizer": "adam",
     "lr": 1e-3,
     "momentum": 0.9,

@@ -16,7 +16,7 @@ import torch
 from sparselearning import TaskMasks
 from utils import experiment, run_dir, train
 from utils.entry import main
-from tests.conftest import finished_run as run, run_once
+from tests.conftest import SMALL_NET, finished_run as run, run_once
 
 CHECKPOINT, RESULTS = run_dir.CHECKPOINT_FILE, run_dir.RESULTS_FILE
 
@@ -69,11 +69,12 @@ def test_miniimagenet_end_to_end(mini_dir, tmp_path):
     assert (mini_dir / "miniImageNet_32px.npz").is_file()
 
 
-# Machinery runs (determinism, resume, baselines): small test sets, two test batches of 16 a task
+# Machinery runs (determinism, resume, baselines): small test sets, two test batches of 16 a task,
+# and the narrow backbone
 TEST_SETS = ["--test_per_class", "16", "--test_batch_size", "16"]
 SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
          "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "random",
-         *TEST_SETS, "--task_inference", "confidence"]  # the task-agnostic figures are compared too
+         *TEST_SETS, *SMALL_NET, "--task_inference", "confidence"]  # the task-agnostic figures are compared too
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +165,8 @@ def test_files_are_written_whole_or_not_at_all(tmp_path):
 
 MID_TASK = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
             "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
-            "--checkpoint_every", "1", "--checkpoint_minutes", "0", *TEST_SETS, "--task_inference", "confidence"]
+            "--checkpoint_every", "1", "--checkpoint_minutes", "0", *TEST_SETS, *SMALL_NET,
+            "--task_inference", "confidence"]
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +223,8 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
     out = tmp_path / "run"
     argv = ["--data_dir", str(cifar_dir), "--no-download", "--device", str(device), "--output_dir", str(out),
             "--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "1",
-            "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "gradient"]
+            "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--growth", "gradient",
+            *SMALL_NET]
     assert main("cifar100", argv) == 0
     results = json.loads((out / RESULTS).read_text())
     acc = np.array(results["acc_matrix"], dtype=float)
@@ -230,7 +233,7 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
         assert np.all(acc[j:, j] == acc[j, j]), acc
     config = parse_config(argv, "cifar100")
     checkpoint = run_dir.load_checkpoint(out / CHECKPOINT)
-    model = build_model(config.net_name, config.num_classes).to(device)
+    model = build_model(config.net_name, config.num_classes, config.net_width).to(device)
     model.load_state_dict(checkpoint["model"])
     store = TaskMasks.from_state_dict(checkpoint["task_masks"], device)
     tasks = experiment.build_tasks(config)
@@ -245,7 +248,7 @@ def test_zero_forgetting_holds_when_every_network_is_tested_again(cifar_dir, tmp
 def test_topology_updates_are_counted_per_task_in_the_results_and_the_log(cifar_dir, tmp_path):
     """(A task with no update at all is warned about: tests/test_masking.py.)"""
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "2",
-             "--max_batches", "3", "--batch_size", "16", *TEST_SETS,
+             "--max_batches", "3", "--batch_size", "16", *TEST_SETS, *SMALL_NET,
              "--update_frequency", "2"]  # 6 steps a task: updates after steps 2, 4, 6
     results = run("cifar100", cifar_dir, tmp_path / "run", *flags)
     assert [record["topology_updates"] for record in results["per_task"]] == [3, 3]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparselearning import TaskMasks, allocate_counts
-from tests.conftest import finished_run, stop_at_step, write_fake_cifar
+from tests.conftest import SMALL_NET, finished_run, stop_at_step, write_fake_cifar
 from utils import run_dir
 from utils.approaches import APPROACHES
 from utils.entry import main
@@ -58,7 +58,7 @@ def test_every_peer_learns_every_task_on_resnet18_and_forgets_nothing(approach, 
 
 STEPS = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
          "--max_batches", "2", "--batch_size", "16", "--density", "0.2", "--test_per_class", "20",
-         "--task_inference", "none", "--checkpoint_minutes", "1000"]
+         "--task_inference", "none", "--checkpoint_minutes", "1000", *SMALL_NET]
 STOP_AT = 6 + 2 * 2 + 1  # the 11th step: task 2, epoch 3 (after PackNet's pruning), batch 1 of 2
 
 

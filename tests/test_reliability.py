@@ -19,16 +19,17 @@ import pytest
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.conftest import SMALL_NET
 from tests.suite_control import run_process, send_to_this_process, start_process
 from utils import run_dir
 from utils.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small batches, small test sets (one batch of 2 x 20 images a task) and no task inference: these
-# runs test saving and resuming, not learning (task inference across a resume:
+# Small batches, small test sets (one batch of 2 x 20 images a task), no task inference and the
+# narrow backbone: these runs test saving and resuming, not learning (task inference across a resume:
 # tests/test_end_to_end.py).
 SPLIT = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--batch_size", "16",
-         "--test_per_class", "20", "--task_inference", "none"]
+         "--test_per_class", "20", "--task_inference", "none", *SMALL_NET]
 THREE_TASKS = [*SPLIT, "--epochs", "3", "--max_batches", "3", "--update_frequency", "2", "--growth", "momentum",
                "--sparse_init", "ERK", "--checkpoint_minutes", "0"]  # the task in progress saved after every epoch
 TIMING_KEYS = {"train_seconds"}
@@ -435,7 +436,8 @@ def test_the_task_in_progress_is_saved_by_epochs_and_minutes(cifar_dir, tmp_path
     real_save = run_dir.save_checkpoint
     monkeypatch.setattr(run_dir, "save_checkpoint", lambda path, state: saves.append(path.name) or real_save(path, state))
     flags = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2", "--epochs", "3",
-             "--max_batches", "2", "--batch_size", "16", "--test_per_class", "20", "--checkpoint_minutes", minutes]
+             "--max_batches", "2", "--batch_size", "16", "--test_per_class", "20", "--checkpoint_minutes", minutes,
+             *SMALL_NET]
     assert main("cifar100", argv_for(cifar_dir, tmp_path / "run", *flags)) == 0
     assert saves.count(run_dir.PROGRESS_FILE) == progress_saves
     assert saves.count(run_dir.CHECKPOINT_FILE) == 2
@@ -446,7 +448,8 @@ def test_a_save_holds_the_kept_epoch_only_when_it_is_not_the_current_state(cifar
     real_save = run_dir.save_checkpoint
     monkeypatch.setattr(run_dir, "save_checkpoint", lambda path, state: saved.append(state) or real_save(path, state))
     flags = ["--num_tasks", "1", "--num_classes", "2", "--num_classes_per_task", "2", "--epochs", "5",
-             "--max_batches", "2", "--batch_size", "16", "--test_per_class", "20", "--checkpoint_minutes", "0"]
+             "--max_batches", "2", "--batch_size", "16", "--test_per_class", "20", "--checkpoint_minutes", "0",
+             *SMALL_NET]
     assert main("cifar100", argv_for(cifar_dir, tmp_path / "run", *flags)) == 0
     progress = [state for state in saved if "epochs_done" in state]
     assert progress

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from sparselearning import atomic_file
-from tests.conftest import write_fake_cifar
+from tests.conftest import SMALL_NET, write_fake_cifar
 from tests.suite_control import run_process
 from tests.test_reliability import ROOT, argv_for, comparable, results_of, start, terminal_lines, wait_for_log_line
 from utils import experiment, run_dir, run_lock, train
@@ -33,7 +33,7 @@ SMALL = ["--num_tasks", "2", "--num_classes", "4", "--num_classes_per_task", "2"
          "--max_batches", "2", "--batch_size", "16", "--update_frequency", "2", "--growth", "momentum",
          "--sparse_init", "ERK", "--checkpoint_minutes", "0",  # the task in progress saved after every epoch
          "--test_per_class", "20",  # one test batch of 2 x 20 images a task
-         "--task_inference", "none"]  # these runs test the run directory, not testing
+         "--task_inference", "none", *SMALL_NET]  # these runs test the run directory, not testing (or learning)
 
 
 class Killed(BaseException):
@@ -267,7 +267,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(cifar_dir, re
                                                                    capsys):
     out = tmp_path / "run"
     argv = argv_for(cifar_dir, out, *SMALL)
-    fill_the_disk_at(monkeypatch, run_dir.CHECKPOINT_FILE, nth=2)  # the checkpoint after task 2
+    fill_the_disk_at(monkeypatch, run_dir.CHECKPOINT_FILE, nth=2, room=4096)  # the checkpoint after task 2
     assert main("cifar100", argv) == 2
     err = one_line_error(capsys)
     assert f"cannot write {out / run_dir.CHECKPOINT_FILE}: no space left on device" in err and "--resume" in err

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SMALL_NET
 from tests.suite_control import send_to_this_process, start_process
 from utils import experiment, run_dir
 from utils.entry import main
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_TASK = 4  # --epochs 2 x --max_batches 2
 FLAGS = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "2",
          "--max_batches", "2", "--batch_size", "16", "--test_batch_size", "16", "--test_per_class", "24",
-         "--train_per_class", "24", "--checkpoint_minutes", "1000"]  # 3 test (and calibration) batches per task
+         "--train_per_class", "24", "--checkpoint_minutes", "1000",  # 3 test (and calibration) batches per task
+         *SMALL_NET]
 COST_KEYS = {"seconds", "forward_passes", "backward_passes"}  # task inference's cost: a resumed run recomputes
 
 

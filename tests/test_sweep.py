@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SMALL_NET
 from tests.suite_control import run_process, start_process
 from utils import report
 from utils.cli import parse_config
@@ -33,11 +34,11 @@ GRID_ENV = ("DENSITIES", "INITS", "GROWTHS", "SEEDS", "OUT", "JOBS", "PER_GPU", 
 
 def tiny_flags(data_dir: Path, tasks: int = 2, max_batches: int = 3) -> list[str]:
     """A run of a few seconds: `tasks` tasks of 2 classes, 1 epoch of `max_batches` batches, tested
-    on 2 x 16 images a task (two batches)."""
+    on 2 x 16 images a task (two batches), on the narrow backbone."""
     return ["--data_dir", str(data_dir), "--no-download", "--num_tasks", str(tasks), "--num_classes", str(2 * tasks),
             "--num_classes_per_task", "2", "--epochs", "1", "--max_batches", str(max_batches), "--batch_size", "16",
             "--test_per_class", "16", "--test_batch_size", "16", "--device", "cpu", "--update_frequency", "2",
-            "--task_inference", "confidence"]
+            "--task_inference", "confidence", *SMALL_NET]
 
 
 def environment(**extra: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from utils.evaluation import evaluate_row
 from utils.metrics import format_agnostic_report
 from utils.task_inference import (CALIBRATED_METHODS, INFERENCE_METHODS, TaskInference,
                                   measure_calibration, superposition_gradient)
-from tests.conftest import SHARED, finished_run, run_once
+from tests.conftest import SHARED, SMALL_NET, finished_run, run_once
 
 METHODS = [method for method in INFERENCE_METHODS[1:] if method not in CALIBRATED_METHODS]
 PLAIN = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels / 255, nothing subtracted
@@ -206,10 +206,10 @@ def test_a_task_found_share_near_chance_is_called_so_and_explained():
 # ---- in runs -------------------------------------------------------------------------------------
 
 # Runs of the machinery: 96 training images a task (calibration reads them all), 96 test images a
-# task in two batches (64 + 32)
+# task in two batches (64 + 32), the narrow backbone
 TINY = ["--num_tasks", "3", "--num_classes", "6", "--num_classes_per_task", "2", "--epochs", "1",
         "--max_batches", "3", "--batch_size", "16", "--update_frequency", "2", "--test_batch_size", "64",
-        "--train_per_class", "48", "--test_per_class", "48"]
+        "--train_per_class", "48", "--test_per_class", "48", *SMALL_NET]
 
 
 def run(data_dir: Path, out: Path, *flags: str) -> dict:
@@ -362,7 +362,7 @@ def test_a_calibrated_run_changes_nothing_else_and_calibrates_on_training_images
     assert all(torch.equal(before["model"][name], checkpoint["model"][name]) for name in before["model"])
     config, state = retest.saved_run(calibrated_dir, None, None)
     tasks = retest.matching_tasks(config, state["config"])
-    model = build_model(config.net_name, config.num_classes)
+    model = build_model(config.net_name, config.num_classes, config.net_width)
     model.load_state_dict(checkpoint["model"])
     store = TaskMasks.from_state_dict(checkpoint["task_masks"])
     measured = checkpoint["calibration"]

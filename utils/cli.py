@@ -138,6 +138,7 @@ class Config:
     erk_power: float | str = 1.0
     growth_later: str | None = None
     turnover_stop: float = 0.0
+    net_width: int = 64
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (paths become strings), in field order."""
@@ -294,6 +295,9 @@ def _add_data_flags(data: argparse._ArgumentGroup, benchmark: str) -> None:
 
 def _add_training_flags(train: argparse._ArgumentGroup, benchmark: str) -> None:
     train.add_argument("--net_name", choices=tuple(MODELS), default="resnet18", help="backbone")
+    train.add_argument("--net_width", type=int, default=64,
+                       help="channels of the backbone's first stage (later stages 2x, 4x, 8x); 64 is the "
+                       "paper's ResNet-18, narrower only for smoke runs and tests")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                        help="a fresh optimizer per task")
     train.add_argument("--lr", type=_finite_float, default=1e-3,
@@ -513,6 +517,7 @@ def _validate(args: argparse.Namespace, benchmark: str) -> None:
              f"--update_frequency must be >= 0 (0 = static sparse), got {args.update_frequency}")
     _require(0 <= args.seed <= MAX_SEED,
              f"--seed must be in [0, 2**64 - 1] (torch's generators take 64-bit seeds), got {args.seed}")
+    _require(args.net_width >= 1, f"--net_width must be >= 1, got {args.net_width}")
     _require(args.image_size >= 8, f"--image_size must be >= 8, got {args.image_size}")
     _require(args.checkpoint_every >= 0, f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     _require(args.checkpoint_minutes >= 0, f"--checkpoint_minutes must be >= 0, got {args.checkpoint_minutes}")

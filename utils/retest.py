@@ -77,7 +77,7 @@ def retest(config: Config, state: dict[str, Any], tasks: list[Task], methods: Se
     accel = Acceleration.for_device(config.device, amp=config.amp, channels_last=config.channels_last,
                                     deterministic=config.deterministic)  # as tested
     accel.apply()
-    model = build_model(config.net_name, config.num_classes).to(accel.device)
+    model = build_model(config.net_name, config.num_classes, config.net_width).to(accel.device)
     model.load_state_dict(state["model"])
     task_masks = TaskMasks.from_state_dict(state["task_masks"], accel.device)
     done, classes = len(task_masks), [task.classes for task in tasks]
