@@ -79,3 +79,22 @@ def test_a_bad_preset_is_one_line_and_exit_2(capsys):
     assert study.main(["laptop"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "invalid choice" in err
+
+
+def test_the_wall_time_is_the_union_of_the_runs_sittings_read_from_their_logs(tmp_path):
+    """Two runs at once, one of them stopped and continued an hour later: the hour between the
+    sittings is not counted, the overlap of the two runs is counted once."""
+    def log(run: str, *lines: str) -> None:
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "train.log").write_text("\n".join(lines) + "\n")
+
+    log("grid/a", "2026-12-06 10:00:00,000 INFO sparselearning.masking: masking 21 layers",
+        "a message's second line", "2026-12-06 10:05:00,500 INFO utils.train: task 1 epoch 1: loss 2.3",
+        "2026-12-06 11:05:00,000 INFO utils.experiment: resuming grid/a after task 1 of 10",
+        "2026-12-06 11:06:00,000 INFO utils.experiment: finished 10 tasks")
+    log("grid/b", "2026-12-06 10:03:00,000 INFO sparselearning.masking: masking 21 layers",
+        "2026-12-06 10:07:00,000 INFO utils.experiment: finished 10 tasks")
+    assert study.working_intervals(tmp_path / "grid/a" / "train.log")[1][1] - \
+        study.working_intervals(tmp_path / "grid/a" / "train.log")[1][0] == 60
+    assert study.logged_wall_seconds(tmp_path) == 7 * 60 + 60  # 10:00-10:07 and 11:05-11:06
+    assert study.logged_wall_seconds(tmp_path / "nothing") == 0

@@ -22,13 +22,16 @@ figures/, findings.md, findings.json). Run the same command again and it continu
 stopped: each sweep skips its complete runs and resumes the others. `--dry-run` prints every
 sweep's runs and an estimate of the time, from the cost of a training step and of a test batch
 measured now on the chosen device (seconds); it runs nothing else. `study.json` in `<out>`
-records the preset, the commands, the commit, torch, the machine and the wall time.
+records the preset, the commands, the commit, torch, the machine and the wall time: the time during
+which at least one of the study's runs was working, read from the runs' logs, so that a study run in
+several sittings (stopped and continued) counts each sitting and none of the pauses between them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -44,7 +47,7 @@ import torch
 
 from utils.cli import OneLineParser
 from utils.errors import UserError
-from utils.run_dir import write_text
+from utils.run_dir import LOG_FILE, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "scripts" / "sweep.sh"
@@ -103,10 +106,11 @@ def _cifar(tasks: int, per_task: int, *flags: str) -> tuple[str, ...]:
 
 
 PRESETS: dict[str, Study] = {study.name: study for study in (
-    Study("tiny", "seconds on stand-in data: the whole path, for the tests",
+    Study("tiny", "seconds on stand-in data: the whole path on the narrow backbone, for the tests",
           (Benchmark("cifar100_2tasks", "cifar100.py",
                      _cifar(2, 2, "--epochs", "1", "--train_per_class", "8", "--test_per_class", "4",
-                                "--batch_size", "8", "--update_frequency", "1", "--task_inference", "calibrated")),),
+                                "--batch_size", "8", "--update_frequency", "1", "--task_inference", "calibrated",
+                                "--net_width", "8")),),
           densities=("0.2",), growths=("random",), seeds=("0",), finetune_inits=("ERK",), peers=(("wsn", "uniform"),),
           adaptive=(("mix", "ERK", "random", ("--growth_later", "momentum")),), jobs=2),
     # The cpu preset's scale, chosen by measurement on a 2-core VM: a run (10 tasks, 40 training and
@@ -207,12 +211,12 @@ class Costs:
 
 
 def measure_costs(device: str, image_size: int, batch_size: int, test_batch_size: int = 128,
-                  repeats: int = 3) -> Costs:
+                  repeats: int = 3, width: int = 64) -> Costs:
     """Time ResNet-18 training steps (Adam, a density-0.2 mask) and test batches on `device`."""
     from models import build_model
     from sparselearning import Masking
 
-    model = build_model("resnet18", 100).to(device)
+    model = build_model("resnet18", 100, width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     masking = Masking(optimizer, density=0.2, sparse_init="uniform", update_frequency=0, total_steps=10**6, seed=0)
     masking.add_module(model)
@@ -307,12 +311,41 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+LOG_TIME = "%Y-%m-%d %H:%M:%S"
+RESUMING = " resuming "  # the line a run's log starts a continued sitting with
+
+
+def working_intervals(log: Path) -> list[tuple[float, float]]:
+    """The sittings of one run: (first, last) time stamp of the log's lines from each start or
+    `--resume` to the next (a sitting's start-up before its first line is not counted)."""
+    intervals: list[list[float]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            stamp = datetime.datetime.strptime(line[:19], LOG_TIME).timestamp()
+        except ValueError:
+            continue  # a message's continuation line
+        if not intervals or RESUMING in line:
+            intervals.append([stamp, stamp])
+        intervals[-1][1] = stamp
+    return [(start, end) for start, end in intervals]
+
+
+def logged_wall_seconds(out: Path) -> float:
+    """Seconds during which at least one run under `out` was working: the union of every run's
+    sittings (`working_intervals` of each run's log)."""
+    intervals = sorted(i for log in out.rglob(LOG_FILE) for i in working_intervals(log))
+    total, covered_to = 0.0, -math.inf
+    for start, end in intervals:
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
+    return total
+
+
 def run_study(study: Study, out: Path, extra: Sequence[str], jobs: int, device: str) -> int:
     """Run every sweep, then the report and the findings; the exit code of the first failed sweep
     (1 failed run, 3 a run stopped by a signal), else 0."""
-    started = time.time()
     record_path = out / "study.json"
-    earlier = json.loads(record_path.read_text()) if record_path.is_file() else {}
     env = sweep_environment(device, jobs)
     plan = sweeps(study, out, extra)
     status = 0
@@ -322,7 +355,7 @@ def run_study(study: Study, out: Path, extra: Sequence[str], jobs: int, device: 
         if code == 130:
             return 130
         status = status or code
-    seconds = earlier.get("wall_seconds", 0.0) + time.time() - started
+    seconds = logged_wall_seconds(out)
     write_text(record_path, json.dumps({
         "preset": study.name, "about": study.about, "command": shlex.join(sys.argv),
         "sweeps": [shlex.join(sweep.command(jobs)) for sweep in plan], "commit": commit(),
@@ -345,14 +378,15 @@ def dry_run(study: Study, out: Path, extra: Sequence[str], jobs: int, device: st
         subprocess.run(sweep.command(jobs, dry_run=True), env=env, check=False)
     total = 0.0
     print(f"\nEstimate for study {study.name} on {device} ({machine()}), {jobs} run(s) at a time:")
-    costs: dict[tuple[int, int], Costs] = {}
+    costs: dict[tuple[int, int, int], Costs] = {}
     for sweep in plan:
         flags = Benchmark("", sweep.script, sweep.flags)
         size = int(flags.flag("--image_size", "32" if sweep.script == "cifar100.py" else "84"))
         batch = int(flags.flag("--batch_size", "64" if sweep.script == "cifar100.py" else "128"))
-        if (size, batch) not in costs:
-            costs[(size, batch)] = measure_costs(device, size, batch)
-        each = run_seconds(sweep, costs[(size, batch)])
+        width = int(flags.flag("--net_width", "64"))
+        if (size, batch, width) not in costs:
+            costs[(size, batch, width)] = measure_costs(device, size, batch, width=width)
+        each = run_seconds(sweep, costs[(size, batch, width)])
         total += each * sweep.runs
         print(f"  {sweep.out.relative_to(out)}: {sweep.runs} runs x {format_duration(each)}")
     # On a CPU, runs at a time share the cores: measured on 2 cores, two runs of one thread each
