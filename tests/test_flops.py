@@ -241,3 +241,15 @@ def test_the_report_has_a_flops_table_csv_columns_and_an_acc_vs_flops_figure(tmp
     if report.load_pyplot() is not None:
         assert (root / "figures" / "cifar100_3tasks_x10_acc_vs_train_flops.png").is_file()
         assert "(figures/cifar100_3tasks_x10_acc_vs_train_flops.png)" in text
+
+
+def test_the_flops_table_says_how_many_of_a_cells_runs_counted_them(tmp_path):
+    """Runs of versions before FLOPs were counted have none: a cell's mean is over the runs that have."""
+    root = tmp_path / "runs"
+    for seed, acc in enumerate((60.0, 62.0, 61.0)):
+        fake_run(root / f"dst_s{seed}", acc, seed=seed)
+    with_flops(root / "dst_s2", 0.3, 0.2)
+    assert report.main([str(root), "--no-figures"]) == 0
+    text = (root / "report.md").read_text()
+    lines = [line for line in text.split("Training FLOPs / inference FLOPs")[1].splitlines() if line.startswith("| ")]
+    assert lines[1:] == ["| ERK + random | 30.0 / 20.0 (n=1 of 3) |"]

@@ -377,17 +377,19 @@ def markdown_table(table: Table, metric: str = "acc", bwt_metric: str | None = "
 
 def flops_table(table: Table) -> str:
     """Rows x sparsity of the training and inference FLOPs (% of dense), "train / inference", means
-    over the cell's runs; a row without FLOPs is left out."""
+    over the cell's runs that counted them ("(n=k of m)" where runs of earlier versions did not); a
+    row without FLOPs is left out."""
     columns = table.columns()
     header = ["init + growth", *map(format_percent, columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows():
-        cells = [(table.cell(row, column, TRAIN_FLOPS), table.cell(row, column, INFERENCE_FLOPS))
-                 for column in columns]
-        if all(train is None for train, _ in cells):
+        cells = [(table.cell(row, column, TRAIN_FLOPS), table.cell(row, column, INFERENCE_FLOPS),
+                  len(table.runs_in(row, column))) for column in columns]
+        if all(train is None for train, _, _ in cells):
             continue
-        texts = ["" if train is None or inference is None else f"{train.mean:.1f} / {inference.mean:.1f}"
-                 for train, inference in cells]
+        texts = ["" if train is None or inference is None else
+                 f"{train.mean:.1f} / {inference.mean:.1f}" + (f" (n={train.n} of {runs})" if train.n < runs else "")
+                 for train, inference, runs in cells]
         lines.append("| " + " | ".join([row, *texts]) + " |")
     return "\n".join(lines)
 
@@ -411,7 +413,8 @@ def table_section(table: Table, figures: list[Path]) -> str:
         if (note := mask_bits_note(table)) is not None:
             parts.append(note)
     if table.has(TRAIN_FLOPS):
-        parts += ["Training FLOPs / inference FLOPs per image, % of dense (mean over the runs): all tasks' training "
+        parts += ["Training FLOPs / inference FLOPs per image, % of dense (mean over the runs that counted them): all "
+                  "tasks' training "
                   "over dense training on the same images, and the mean over tasks of each task's network; counted "
                   "from the masks as RigL counts them (conv and linear layers only).", flops_table(table)]
     notes = settings_lines(table) + duplicate_warnings(table)
