@@ -83,7 +83,8 @@ def test_a_bad_preset_is_one_line_and_exit_2(capsys):
 
 def test_the_wall_time_is_the_union_of_the_runs_sittings_read_from_their_logs(tmp_path):
     """Two runs at once, one of them stopped and continued an hour later: the hour between the
-    sittings is not counted, the overlap of the two runs is counted once."""
+    sittings is not counted, the overlap of the two runs is counted once. A third run's sittings
+    begin at its start lines, and (logs of earlier versions) after an hour without a line."""
     def log(run: str, *lines: str) -> None:
         (tmp_path / run).mkdir(parents=True)
         (tmp_path / run / "train.log").write_text("\n".join(lines) + "\n")
@@ -94,7 +95,14 @@ def test_the_wall_time_is_the_union_of_the_runs_sittings_read_from_their_logs(tm
         "2026-12-06 11:06:00,000 INFO utils.experiment: finished 10 tasks")
     log("grid/b", "2026-12-06 10:03:00,000 INFO sparselearning.masking: masking 21 layers",
         "2026-12-06 10:07:00,000 INFO utils.experiment: finished 10 tasks")
+    log("grid/c", "2026-12-07 09:00:00,000 INFO utils.experiment: run started (process 7 on vm)",
+        "2026-12-07 09:00:30,000 INFO utils.train: task 1 epoch 1: loss 2.3",
+        "2026-12-07 09:50:00,000 INFO utils.experiment: run started (process 8 on vm)",
+        "2026-12-07 09:51:00,000 INFO utils.train: task 1 epoch 1: loss 2.3",
+        "2026-12-08 09:51:00,000 INFO sparselearning.masking: masking 21 layers",  # a day later, no mark
+        "2026-12-08 09:51:30,000 INFO utils.train: task 1 epoch 1: loss 2.3")
     assert study.working_intervals(tmp_path / "grid/a" / "train.log")[1][1] - \
         study.working_intervals(tmp_path / "grid/a" / "train.log")[1][0] == 60
-    assert study.logged_wall_seconds(tmp_path) == 7 * 60 + 60  # 10:00-10:07 and 11:05-11:06
+    assert [end - start for start, end in study.working_intervals(tmp_path / "grid/c" / "train.log")] == [30, 60, 30]
+    assert study.logged_wall_seconds(tmp_path) == 7 * 60 + 60 + 120  # 10:00-10:07, 11:05-11:06 and grid/c
     assert study.logged_wall_seconds(tmp_path / "nothing") == 0

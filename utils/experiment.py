@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 from typing import Any
 
 import numpy as np
@@ -73,6 +75,7 @@ def run(config: Config) -> dict[str, Any]:
         run_dir.check_same_data(config, resumable)
         run_dir.prepare_output_dir(config)
         handler = run_dir.attach_log_file(out)
+        log.info("%s (process %d on %s)", run_dir.STARTED, os.getpid(), socket.gethostname())  # a sitting begins
         try:
             with StopRequest().installed() as stop, switches_restored():  # the device's switches: for this run only
                 experiment = Experiment(config, tasks)

@@ -140,6 +140,11 @@ class RunLogHandler(logging.FileHandler):
             sys.stderr.write(f"warning: cannot write {self.baseFilename} ({error}); its records are dropped\n")
 
 
+STARTED = "run started"
+"""The log's first line of every start of a run (new or continued with --resume): `utils.study`
+reads a run's sittings from it."""
+
+
 def attach_log_file(output_dir: Path) -> logging.Handler:
     """Append this process's log records to `<output_dir>/train.log`.
 

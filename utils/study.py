@@ -47,7 +47,8 @@ import torch
 
 from utils.cli import OneLineParser
 from utils.errors import UserError
-from utils.run_dir import LOG_FILE, write_text
+from utils import run_dir
+from utils.run_dir import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "scripts" / "sweep.sh"
@@ -312,19 +313,24 @@ def machine() -> str:
 
 
 LOG_TIME = "%Y-%m-%d %H:%M:%S"
-RESUMING = " resuming "  # the line a run's log starts a continued sitting with
+# Where a run's log begins a sitting: its start line (`run_dir.STARTED`), and in logs of earlier
+# versions, which had none, a resume's line or an hour without any line (a run started again from
+# scratch after a stop in its first task left no other mark).
+SITTING_MARKS = (f" {run_dir.STARTED} (", " resuming ")
+SILENT_SECONDS = 3600.0
 
 
 def working_intervals(log: Path) -> list[tuple[float, float]]:
-    """The sittings of one run: (first, last) time stamp of the log's lines from each start or
-    `--resume` to the next (a sitting's start-up before its first line is not counted)."""
+    """The sittings of one run: (first, last) time stamp of the log's lines from each start of the
+    run to the next (a sitting's start-up before its first line is not counted)."""
     intervals: list[list[float]] = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             stamp = datetime.datetime.strptime(line[:19], LOG_TIME).timestamp()
         except ValueError:
             continue  # a message's continuation line
-        if not intervals or RESUMING in line:
+        if (not intervals or any(mark in line for mark in SITTING_MARKS)
+                or stamp - intervals[-1][1] > SILENT_SECONDS):
             intervals.append([stamp, stamp])
         intervals[-1][1] = stamp
     return [(start, end) for start, end in intervals]
@@ -333,7 +339,7 @@ def working_intervals(log: Path) -> list[tuple[float, float]]:
 def logged_wall_seconds(out: Path) -> float:
     """Seconds during which at least one run under `out` was working: the union of every run's
     sittings (`working_intervals` of each run's log)."""
-    intervals = sorted(i for log in out.rglob(LOG_FILE) for i in working_intervals(log))
+    intervals = sorted(i for log in out.rglob(run_dir.LOG_FILE) for i in working_intervals(log))
     total, covered_to = 0.0, -math.inf
     for start, end in intervals:
         if end > covered_to:
