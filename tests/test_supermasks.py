@@ -159,3 +159,23 @@ def test_supsup_tasks_accuracy_depends_only_on_their_own_scores():
         outputs.append(later)
     assert torch.equal(outputs[0], outputs[1])
     assert set(maskable_weights(model)) == {"0.weight", "4.weight"}
+
+
+
+def test_supsup_says_when_erk_keeps_a_layer_whole_where_its_mask_could_learn_nothing(caplog):
+    """ERK at density 0.2 keeps some of the (narrow) ResNet-18's layers whole, the classifier among
+    them: a mask of all ones, nothing to learn. Uniform keeps every layer sparse and says nothing."""
+    from models import build_model
+
+    for init, warned in (("ERK", True), ("uniform", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="utils.approaches.supsup"):
+            SupSup(build_model("resnet18", 10, 8), None, config("supsup", "--density", "0.2", "--sparse_init", init),
+                   total_steps=5, seed=0)
+        messages = [r.getMessage() for r in caplog.records if r.name == "utils.approaches.supsup"]
+        if warned:
+            [message] = messages
+            assert "layer(s) kept whole by --sparse_init ERK at density 0.2 (layer1.0.conv1.weight" in message
+            assert "their mask is all ones" in message and "--sparse_init uniform" in message
+        else:
+            assert messages == []

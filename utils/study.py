@@ -86,9 +86,9 @@ class Study:
     finetune_inits: tuple[str, ...] = ("ERK", "uniform")
     baseline_densities: tuple[str, ...] | None = None  # of static and fine-tuning (default: the grid's)
     # The other approaches and the init each runs with: WSN's own rule is the top fraction of every
-    # layer (uniform), PackNet prunes every layer by the same fraction (uniform), SupSup's layer
-    # allocation (er_sparsity) is close to ERK.
-    peers: tuple[tuple[str, str], ...] = (("wsn", "uniform"), ("packnet", "uniform"), ("supsup", "ERK"))
+    # layer (uniform), PackNet prunes every layer by the same fraction (uniform); SupSup uniform too,
+    # as ERK keeps the smallest layers whole, where a supermask learns nothing (utils/approaches/supsup.py).
+    peers: tuple[tuple[str, str], ...] = (("wsn", "uniform"), ("packnet", "uniform"), ("supsup", "uniform"))
     # Adaptive DST's policies: (name, init, growth, flags), each on ERK + momentum (or unfired, which
     # hands over to momentum), the strongest fixed setting of the cpu study's first runs, so that a
     # policy is compared with what it modifies. The turnover threshold 0.1 ends a task's updates after

@@ -17,7 +17,9 @@ of the task's own weights only; pruned weights zero, restarted from zero by the 
 weights of tasks 1..t; the schedule of its scripts (train 20 epochs at lr 1e-3, x0.1 after 10;
 retrain 10 epochs at 1e-4): `--lr` x0.1 from half the dense phase, retraining at a tenth of
 `--lr`. Where we differ: the task's share is `--density` of the backbone, the budget the DST runs
-get (PackNet prunes a fraction of the free weights, e.g. 50 % or 75 %); this backbone has no
+get (PackNet prunes a fraction of the free weights, e.g. 50 % or 75 %); the task is pruned as it
+stands at the end of its dense phase (no validation split to pick the phase's best epoch) and
+retrains with the dense phase's optimizer state (PackNet starts a new optimizer); this backbone has no
 biases or BatchNorm parameters (PackNet fixes them after the first task); the classifier is one
 shared layer with the loss on the task's slice, not a head per task.
 """

@@ -14,12 +14,17 @@ Taken from SupSup's paper and code (RAIVNLab/supsup): signed-constant weights (f
 a fresh optimizer per task over the scores only (their Adam lr 1e-3 is this project's default).
 Where we differ: the run's LR schedule and weight decay (SupSup: cosine annealing, weight decay
 1e-4 on the scores); BatchNorm uses batch statistics, so there are no per-task BatchNorm
-statistics (SupSup keeps running statistics per task); `--sparse_init ERK` gives a layer
-allocation close to SupSup's er_sparsity, `uniform` the same density in every layer.
+statistics (SupSup keeps running statistics per task). Use `--sparse_init uniform` (the same
+density in every layer, as the study runs it): ERK keeps its smallest layers whole (at density
+0.1 and 0.2 the ResNet-18's stem, shortcuts and classifier), and a supermask over a whole layer is
+all ones, so those layers learn nothing and are the same random constants for every task
+(SupSup's er_sparsity caps a layer at half its weights); a run that keeps a layer whole says so
+in its log.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +38,8 @@ from utils.approaches.wsn import capacity_of, owned_by_earlier_tasks, scored_mas
 
 if TYPE_CHECKING:
     from utils.cli import Config
+
+log = logging.getLogger(__name__)
 
 
 def signed_constant_(weight: torch.Tensor) -> None:
@@ -56,6 +63,12 @@ class SupSup(Approach):
         device = next(iter(self.params.values())).device
         counts = allocate_counts({name: p.shape for name, p in self.params.items()}, config.density,
                                  config.sparse_init)
+        whole = [name for name, count in counts.items() if count == self.params[name].numel()]
+        if whole and frozen is None:
+            log.warning("SupSup: %d layer(s) kept whole by --sparse_init %s at density %g (%s): their mask is all "
+                        "ones, so they learn nothing and stay the same random constants for every task; "
+                        "--sparse_init uniform keeps every layer sparse", len(whole), config.sparse_init,
+                        config.density, ", ".join(whole[:4]) + (" ..." if len(whole) > 4 else ""))
         self.scores = SupermaskScores(self.params, counts, torch.Generator(device=device).manual_seed(seed))
         self.owned = owned_by_earlier_tasks(self.params, frozen)
         super().__init__(model, frozen, config, total_steps, seed, carried)
