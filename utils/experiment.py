@@ -101,7 +101,8 @@ class Experiment:
         self.accel = Acceleration.for_config(config)
         self.accel.apply()  # process-wide (cuDNN, determinism, cuBLAS workspace): before the first CUDA call
         torch.manual_seed(config.seed)
-        self.model = self.accel.prepare(build_model(config.net_name, config.num_classes, config.net_width).to(self.accel.device))
+        model = build_model(config.net_name, config.num_classes, config.net_width)
+        self.model = self.accel.prepare(model.to(self.accel.device))
         self.test_loaders = [TensorLoader(task.test, batch_size=config.test_batch_size, train=False,
                                           device=self.accel.device, channels_last=self.accel.channels_last)
                              for task in tasks]

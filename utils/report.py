@@ -413,10 +413,10 @@ def table_section(table: Table, figures: list[Path]) -> str:
         if (note := mask_bits_note(table)) is not None:
             parts.append(note)
     if table.has(TRAIN_FLOPS):
-        parts += ["Training FLOPs / inference FLOPs per image, % of dense (mean over the runs that counted them): all "
-                  "tasks' training "
-                  "over dense training on the same images, and the mean over tasks of each task's network; counted "
-                  "from the masks as RigL counts them (conv and linear layers only).", flops_table(table)]
+        parts += ["Training FLOPs / inference FLOPs per image, % of dense (mean over the runs that counted them): "
+                  "all tasks' training over dense training on the same images, and the mean over tasks of each task's "
+                  "network; counted from the masks as RigL counts them (conv and linear layers only).",
+                  flops_table(table)]
     notes = settings_lines(table) + duplicate_warnings(table)
     if notes:
         parts.append("\n".join(notes))

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
+from utils import run_dir
 from utils.cli import OneLineParser
 from utils.errors import UserError
-from utils import run_dir
 from utils.run_dir import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
