@@ -547,11 +547,29 @@ def plot_accuracy_matrix(plt, run: Run, title: str, path: Path) -> None:
     save_figure(plt, figure, path)
 
 
-def line_style(row: str) -> dict[str, Any]:
-    """Solid lines for ERK, dashed for uniform, grey dotted for the baselines."""
-    if row.startswith(("static", "sparse fine", "dense")):
-        return {"linestyle": ":", "color": "grey" if row.startswith("dense") else None}
-    return {"linestyle": "--" if row.startswith("uniform") else "-"}
+GROWTH_COLOURS = {"random": "C0", "unfired": "C1", "momentum": "C2", "gradient": "C3"}
+OTHER_COLOURS = ("C4", "C5", "C6", "C8", "C9", "black", "olive", "navy", "teal", "C7")
+
+
+def line_styles(rows: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A style per table row, the same in every figure: DST's grid coloured by growth, solid for
+    ERK and dashed for uniform (circles); adaptive DST solid with squares; the other approaches
+    dash-dotted with triangles; the baselines dotted with crosses (dense fine-tuning grey); each
+    row that is not a grid cell its own colour, in table order."""
+    styles, others = {}, iter(OTHER_COLOURS * (1 + len(rows) // len(OTHER_COLOURS)))
+    for row in rows:
+        init, _, growth = row.partition(" + ")
+        if init in ("ERK", "uniform") and growth in GROWTH_COLOURS:
+            styles[row] = {"linestyle": "-" if init == "ERK" else "--", "color": GROWTH_COLOURS[growth], "marker": "o"}
+        elif row.startswith("dense"):
+            styles[row] = {"linestyle": ":", "color": "grey"}
+        elif row.startswith(("static", "sparse fine")):
+            styles[row] = {"linestyle": ":", "color": next(others), "marker": "x"}
+        elif row.startswith("adaptive"):
+            styles[row] = {"linestyle": "-", "color": next(others), "marker": "s"}
+        else:
+            styles[row] = {"linestyle": "-.", "color": next(others), "marker": "^"}
+    return styles
 
 
 MIN_ACC_SPAN = 20.0  # percentage points: the least height of the ACC axis
@@ -561,15 +579,15 @@ def plot_acc_vs_sparsity(plt, table: Table, path: Path, metric: str = "acc") -> 
     """`metric` (the final ACC, or the task-agnostic one) against sparsity, a line per table row."""
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
     columns = [c for c in table.columns() if c > 0]
+    styles = line_styles(table.rows())
     for row in table.rows():
         points = [(column, table.cell(row, column, metric)) for column in table.columns()]
         points = [(column, cell) for column, cell in points if cell is not None]
         if row == "dense fine-tuning" and points:
-            axes.axhline(points[0][1].mean, label=row, **line_style(row))
+            axes.axhline(points[0][1].mean, label=row, **styles[row])
             continue
         axes.errorbar([c for c, _ in points], [cell.mean for _, cell in points],
-                      yerr=[cell.std or 0.0 for _, cell in points], marker="o", capsize=3, label=row,
-                      **line_style(row))
+                      yerr=[cell.std or 0.0 for _, cell in points], capsize=3, label=row, **styles[row])
     axes.set_xticks(columns, [format_percent(c) for c in columns])
     low, high = axes.get_ylim()
     if high - low < MIN_ACC_SPAN:  # a one-point gap must not fill the whole height
@@ -651,6 +669,7 @@ def plot_acc_vs_train_flops(plt, table: Table, path: Path) -> bool:
     if not table.has(TRAIN_FLOPS):
         return False
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    styles = line_styles(table.rows())
     for row in table.rows():
         points = [(flops.mean / 100, acc) for column in table.columns()
                   if (flops := table.cell(row, column, TRAIN_FLOPS)) is not None
@@ -658,8 +677,7 @@ def plot_acc_vs_train_flops(plt, table: Table, path: Path) -> bool:
         if points:
             points.sort(key=lambda point: point[0])
             axes.errorbar([x for x, _ in points], [acc.mean for _, acc in points],
-                          yerr=[acc.std or 0.0 for _, acc in points], marker="o", capsize=3, label=row,
-                          **line_style(row))
+                          yerr=[acc.std or 0.0 for _, acc in points], capsize=3, label=row, **styles[row])
     axes.set_xscale("log")
     axes.set(xlabel="training FLOPs (fraction of dense training, all tasks)", ylabel="final ACC (%)",
              title=f"{benchmark_title(table)}: ACC vs training FLOPs")
