@@ -317,3 +317,18 @@ def test_adaptive_dst_runs_get_rows_of_their_own_between_the_grid_and_the_baseli
         settings = {Path(row["run"]).relative_to(runs_dir).as_posix(): (row["erk_power"], row["growth_later"],
                                                                         row["turnover_stop"]) for row in csv.DictReader(f)}
     assert settings["power/a"] == ("auto", "", "") and settings["mix/a"] == ("", "momentum", "")
+
+
+def test_every_row_of_a_figure_has_a_style_of_its_own():
+    from utils.report import line_styles
+
+    rows = [f"{init} + {growth}" for init in ("ERK", "uniform") for growth in ("random", "unfired", "momentum", "gradient")]
+    rows += ["adaptive: ERK + momentum, stop < 0.1", "adaptive: ERK + unfired→momentum", "adaptive: ERK^auto + momentum",
+             "WSN: uniform", "PackNet: uniform", "SupSup: uniform", "static sparse: ERK", "static sparse: uniform",
+             "sparse fine-tuning: ERK + random", "dense fine-tuning"]
+    styles = line_styles(rows)
+    looks = {tuple(sorted(styles[row].items())) for row in rows}
+    assert len(looks) == len(rows)
+    assert styles["ERK + momentum"]["color"] == styles["uniform + momentum"]["color"]  # colour = growth
+    assert styles["ERK + momentum"]["linestyle"] != styles["uniform + momentum"]["linestyle"]  # line = init
+    assert line_styles(rows[::-1])["ERK + random"] == styles["ERK + random"]

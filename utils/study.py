@@ -116,13 +116,13 @@ PRESETS: dict[str, Study] = {study.name: study for study in (
           adaptive=(("mix", "ERK", "random", ("--growth_later", "momentum")),), jobs=2),
     # The cpu preset's scale, chosen by measurement on a 2-core VM: a run (10 tasks, 40 training and
     # 20 test images a class, 2 epochs of batches of 32: 26 steps a task, a topology update every 4,
-    # so 6 a task; calibrated task inference) takes 108 s alone with 2 threads, 91 s a run when two
-    # run at once with one thread each, and learns well above chance (ACC 33-36 %, chance 10 %):
-    # the paper's 102 runs in about 2.5 hours, inside the 3 hours asked for; the 27 runs of the other
-    # approaches and the 27 of adaptive DST come on top.
+    # so 6 a task; calibrated task inference) took 108 s alone with 2 threads, and learns well above
+    # chance (ACC 20-36 %, chance 10 %). The study itself, two runs at a time with one thread each:
+    # 185-240 s a run on the quiet VM, so the paper's 102 runs in about 2.9 hours and all 156 in about
+    # 4.5 (measured wall time 6 h 40 min on a VM shared with development: results/cpu-study).
     Study("cpu", "the paper's 10-task CIFAR-100 split on the bundled subset (40 training and 20 test images a "
                  "class, 2 epochs): every grid cell x 3 seeds, the baselines, the other approaches and adaptive "
-                 "DST, about 5 hours on 2 CPU cores",
+                 "DST, about 4.5 hours on 2 quiet CPU cores",
           (Benchmark("cifar100_10tasks", "cifar100.py",
                      _cifar(10, 10, "--epochs", "2", "--train_per_class", "40", "--test_per_class", "20",
                                 "--batch_size", "32", "--update_frequency", "4", "--task_inference", "calibrated")),),
